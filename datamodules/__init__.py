@@ -1,0 +1,1 @@
+"""LightningDataModules and dataset readers (one reader per shard format) that feed `VisionLanguageModel`."""

@@ -1,0 +1,1 @@
+"""LightningModules that wrap `vlm.model.VisionLanguageModel` for training, fine-tuning and evaluation."""
