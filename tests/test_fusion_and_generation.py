@@ -1,0 +1,144 @@
+"""Fusion switch at model level, and generate(): KV cache, sampling, stop strings, for both fusions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from vlm.config import CrossAttentionConfig, get_preset
+from vlm.model import VisionLanguageModel
+
+
+def build(fusion: str, gates: float = 0.0) -> VisionLanguageModel:
+    config = get_preset("idefics2-tiny")
+    config = dataclasses.replace(
+        config, fusion=fusion, cross_attention=CrossAttentionConfig(every_n_layers=1, heads=2, dim_head=16)
+    )
+    torch.manual_seed(0)
+    model = VisionLanguageModel(config).eval()
+    if fusion == "cross_attention" and gates:
+        with torch.no_grad():
+            for block in model.cross_attention.blocks:
+                block.attn_gate.fill_(gates)
+                block.ff_gate.fill_(gates)
+    return model
+
+
+def prompt(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Row 0: two images; row 1: one image, left-padded by two."""
+    torch.manual_seed(1)
+    per_image = 1 if model.config.fusion == "cross_attention" else model.config.connector.num_latents
+    img = [model.image_token_id] * per_image
+    rows = [[5, 6, *img, 7, *img, 8], [0, 0, 9, *img, 10, 11]]
+    width = max(map(len, rows))
+    rows = [[0] * (width - len(r)) + r for r in rows]
+    input_ids = torch.tensor(rows)
+    attention_mask = (input_ids != 0).long()
+    pixel_values = torch.zeros(2, 2, 3, 32, 32)
+    pixel_values[0] = torch.randn(2, 3, 32, 32)
+    pixel_values[1, 0] = torch.randn(3, 32, 32)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+
+
+def test_cross_attention_at_init_gives_the_bare_language_model_logits():
+    model = build("cross_attention")
+    batch = prompt(model)
+    with torch.no_grad():
+        fused = model(**batch).logits
+        bare = model.language_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    assert torch.equal(fused, bare)
+    assert len(model.cross_attention.blocks) == model.language_model.config.num_hidden_layers
+
+
+def test_cross_attention_gates_receive_gradients_through_the_model():
+    model = build("cross_attention").train()
+    batch = prompt(model)
+    model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
+    for block in model.cross_attention.blocks:
+        assert block.attn_gate.grad is not None and block.attn_gate.grad.abs().item() > 0
+        assert block.ff_gate.grad is not None and block.ff_gate.grad.abs().item() > 0
+
+
+def test_cross_attention_images_change_only_text_after_them():
+    model = build("cross_attention", gates=0.5)
+    batch = prompt(model)
+    other = dict(batch, pixel_values=batch["pixel_values"].clone())
+    other["pixel_values"][0, 1] = torch.randn(3, 32, 32)  # second image of row 0
+    with torch.no_grad():
+        a, b = model(**batch).logits[0], model(**other).logits[0]
+    second_marker = (batch["input_ids"][0] == model.image_token_id).nonzero()[1, 0]
+    assert torch.equal(a[:second_marker], b[:second_marker])
+    assert not torch.allclose(a[second_marker:], b[second_marker:])
+
+
+def naive_greedy(model: VisionLanguageModel, batch: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding without a cache: a full forward per new token."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    features = model.encode_images(batch["pixel_values"])
+    for _ in range(steps):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, image_features=features
+        ).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize(("fusion", "gates"), [("autoregressive", 0.0), ("cross_attention", 0.5)])
+def test_cached_greedy_generation_equals_full_recomputation(fusion, gates):
+    model = build(fusion, gates)
+    batch = prompt(model)
+    with torch.no_grad():
+        expected = naive_greedy(model, batch, 6)
+    assert torch.equal(model.generate(**batch, max_new_tokens=6), expected)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = build("autoregressive")
+    batch = prompt(model)
+    greedy = model.generate(**batch, max_new_tokens=5)
+    top1 = model.generate(**batch, max_new_tokens=5, do_sample=True, top_k=1)
+    assert torch.equal(greedy, top1)
+    draws = [
+        model.generate(
+            **batch,
+            max_new_tokens=5,
+            do_sample=True,
+            temperature=5.0,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(draws[0], draws[1])
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0")
+
+
+def test_stop_strings_and_eos_end_rows():
+    model = build("autoregressive")
+    batch = prompt(model)
+    free = model.generate(**batch, max_new_tokens=6)
+    new = free[:, batch["input_ids"].shape[1] :]
+    tokenizer = word_tokenizer(model.language_model.config.vocab_size)
+    stopped = model.generate(
+        **batch, max_new_tokens=6, stop_strings=[f"w{new[0, 2].item()}"], tokenizer=tokenizer
+    )
+    first_hit = (new[0] == new[0, 2]).nonzero()[0, 0].item()
+    stopped_new = stopped[:, batch["input_ids"].shape[1] :]
+    assert torch.equal(stopped_new[0, : first_hit + 1], new[0, : first_hit + 1])
+    eos = model.generate(**batch, max_new_tokens=6, eos_token_id=new[1, 0].item(), pad_token_id=3)
+    assert (eos[1, batch["input_ids"].shape[1] + 1 :] == 3).all()
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**batch, max_new_tokens=2, stop_strings=["w1"])

@@ -1,0 +1,234 @@
+"""Connectors: map vision-tower patch tokens to visual tokens in the language model's embedding space.
+
+Every connector takes ``features`` (n_images, n_patches, vision_dim), the patch ``grid`` (h, w)
+and an optional ``patch_mask`` (n_images, n_patches; False for padding) and returns
+(n_images, n_tokens, text_dim). Module names follow transformers' Idefics2/Idefics3 connectors
+(``modality_projection``, ``perceiver_resampler``) so checkpoints map by prefix only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from vlm.config import ConnectorConfig
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32 (as Llama/Idefics2), so bf16 training matches the release."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU-style MLP ``down(act(gate(x)) * up(x))``: the Idefics2 modality projection and perceiver MLP."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, out_dim, bias=False)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearProjection(nn.Module):
+    """One bias-free linear map per token (the Idefics3 ``modality_projection``)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class Connector(nn.Module):
+    """Base class: ``forward(features, grid, patch_mask) -> visual tokens``."""
+
+    def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class ProjectionConnector(Connector):
+    """Per-patch projection (``linear`` or gated ``mlp``): as many visual tokens as patches."""
+
+    def __init__(self, modality_projection: nn.Module) -> None:
+        super().__init__()
+        self.modality_projection = modality_projection
+
+    def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
+        return self.modality_projection(features)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [context; latents] with grouped-query attention (Idefics2 perceiver)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kv_heads = heads, head_dim, kv_heads
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, latents: Tensor, context: Tensor, key_mask: Tensor | None) -> Tensor:
+        b, n, _ = latents.shape
+        kv_input = torch.cat([context, latents], dim=1)
+        q = self.q_proj(latents).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv_input).view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_input).view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class PerceiverLayer(nn.Module):
+    """Pre-norm perceiver block: RMSNorm'd cross-attention then a gated MLP, both residual."""
+
+    def __init__(self, dim: int, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        self.input_latents_norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.input_context_norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.self_attn = PerceiverAttention(dim, cfg.num_heads, cfg.head_dim, cfg.num_key_value_heads)
+        self.post_attention_layernorm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(dim, 4 * dim, dim, cfg.perceiver_act)
+
+    def forward(self, latents: Tensor, context: Tensor, key_mask: Tensor | None) -> Tensor:
+        context = self.input_context_norm(context)
+        latents = latents + self.self_attn(self.input_latents_norm(latents), context, key_mask)
+        return latents + self.mlp(self.post_attention_layernorm(latents))
+
+
+class PerceiverResampler(nn.Module):
+    """Learned pooling of any number of patches into ``num_latents`` tokens (Idefics2 paper, 3.3)."""
+
+    def __init__(self, dim: int, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.ones(cfg.num_latents, dim))
+        self.layers = nn.ModuleList(PerceiverLayer(dim, cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+
+    def forward(self, context: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        latents = self.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
+        key_mask = None
+        if patch_mask is not None:
+            key_mask = torch.cat(
+                [patch_mask.bool(), patch_mask.new_ones(latents.shape[:2], dtype=torch.bool)], 1
+            )
+        for layer in self.layers:
+            latents = layer(latents, context, key_mask)
+        return self.norm(latents)
+
+
+class PerceiverConnector(Connector):
+    """Optional gated-MLP modality projection followed by a perceiver resampler (Idefics2)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, mlp_hidden: int, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        if cfg.mlp_before:
+            self.modality_projection = GatedMLP(vision_dim, mlp_hidden, text_dim, cfg.mlp_act)
+        else:
+            self.modality_projection = LinearProjection(vision_dim, text_dim)
+        self.perceiver_resampler = PerceiverResampler(text_dim, cfg)
+
+    def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
+        return self.perceiver_resampler(self.modality_projection(features), patch_mask)
+
+
+def pixel_shuffle(features: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
+    """Space-to-depth: (n, h*w, d) -> (n, h*w/scale^2, d*scale^2), in transformers' Idefics3 order."""
+    n, seq, dim = features.shape
+    h, w = grid
+    if h * w != seq or h % scale or w % scale:
+        raise ValueError(
+            f"pixel_shuffle needs a patch grid divisible by connector.scale_factor={scale}; got grid {h}x{w} "
+            f"for {seq} patches. Use image/tile sides that are multiples of patch_size * scale_factor."
+        )
+    x = features.view(n, h, w // scale, dim * scale).permute(0, 2, 1, 3)
+    x = x.reshape(n, w // scale, h // scale, dim * scale * scale).permute(0, 2, 1, 3)
+    return x.reshape(n, seq // (scale * scale), dim * scale * scale)
+
+
+class PixelShuffleConnector(Connector):
+    """Pixel shuffle then a linear projection (Idefics3: 4x fewer tokens for scale 2)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, scale_factor: int) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.modality_projection = LinearProjection(vision_dim * scale_factor**2, text_dim)
+
+    def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
+        return self.modality_projection(pixel_shuffle(features, grid, self.scale_factor))
+
+
+class MappingNetworkConnector(Connector):
+    """MAPL mapping network (Mañas et al., 2023): a transformer over projected patches and learned queries.
+
+    Patches are projected to ``mapping_hidden_size``, concatenated with ``num_latents`` learned
+    query embeddings, run through ``depth`` pre-norm transformer layers (padding masked), and the
+    query outputs are projected to the language model's width.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, cfg: ConnectorConfig) -> None:
+        super().__init__()
+        width = cfg.mapping_hidden_size
+        self.input_proj = nn.Linear(vision_dim, width)
+        self.queries = nn.Parameter(torch.randn(cfg.num_latents, width) * width**-0.5)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            max(1, width // 64),
+            4 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.output_proj = nn.Linear(width, text_dim)
+
+    def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
+        n = features.shape[0]
+        queries = self.queries.unsqueeze(0).expand(n, -1, -1)
+        x = torch.cat([self.input_proj(features), queries], dim=1)
+        padding = None
+        if patch_mask is not None:
+            padding = torch.cat(
+                [~patch_mask.bool(), patch_mask.new_zeros(queries.shape[:2], dtype=torch.bool)], 1
+            )
+        x = self.transformer(x, src_key_padding_mask=padding)
+        return self.output_proj(self.norm(x[:, -queries.shape[1] :]))
+
+
+CONNECTOR_TYPES = ("linear", "mlp", "mapping_network", "perceiver", "pixel_shuffle")
+
+
+def build_connector(
+    cfg: ConnectorConfig, vision_dim: int, text_dim: int, text_intermediate: int
+) -> Connector:
+    """Build the connector named by ``cfg.type`` for the given vision and text widths."""
+    mlp_hidden = cfg.mlp_intermediate_size or text_intermediate
+    if cfg.type == "linear":
+        return ProjectionConnector(LinearProjection(vision_dim, text_dim))
+    if cfg.type == "mlp":
+        return ProjectionConnector(GatedMLP(vision_dim, mlp_hidden, text_dim, cfg.mlp_act))
+    if cfg.type == "perceiver":
+        return PerceiverConnector(vision_dim, text_dim, mlp_hidden, cfg)
+    if cfg.type == "pixel_shuffle":
+        return PixelShuffleConnector(vision_dim, text_dim, cfg.scale_factor)
+    if cfg.type == "mapping_network":
+        return MappingNetworkConnector(vision_dim, text_dim, cfg)
+    raise ValueError(f"Unknown connector.type {cfg.type!r}; choose one of {', '.join(CONNECTOR_TYPES)}.")

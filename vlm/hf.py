@@ -1,0 +1,201 @@
+"""Interop with transformers' Idefics2/Idefics3: released checkpoints in, trained models back out.
+
+``from_transformers`` translates the config and maps the state dict of an
+``Idefics2ForConditionalGeneration`` / ``Idefics3ForConditionalGeneration`` (Idefics2, Idefics3,
+SmolVLM weights) into a ``VisionLanguageModel``; ``to_transformers`` does the reverse. Only the
+module prefixes differ, so the mapping is a prefix swap in both directions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+)
+from transformers.initialization import no_init_weights
+
+from vlm.config import ConnectorConfig, LanguageConfig, VisionConfig, VLMConfig
+from vlm.language_model import text_dims
+from vlm.model import VisionLanguageModel
+
+HFIdefics = Idefics2ForConditionalGeneration | Idefics3ForConditionalGeneration
+
+# (ours, transformers) module prefixes.
+PREFIXES = (
+    ("vision_tower.vit.", "model.vision_model."),
+    ("connector.", "model.connector."),
+    ("language_model.model.", "model.text_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def _rename(key: str, source: int) -> str:
+    for pair in PREFIXES:
+        if key.startswith(pair[source]):
+            return pair[1 - source] + key[len(pair[source]) :]
+    raise KeyError(f"No mapping for parameter {key!r}; known prefixes: {[p[source] for p in PREFIXES]}.")
+
+
+def state_dict_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a VisionLanguageModel state dict to transformers' Idefics2/Idefics3 keys."""
+    return {_rename(k, 0): v for k, v in state_dict.items()}
+
+
+def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers Idefics2/Idefics3 state dict to VisionLanguageModel keys."""
+    return {_rename(k, 1): v for k, v in state_dict.items()}
+
+
+def _vision_config(hf_vision, patch_mask_rule: str) -> VisionConfig:
+    return VisionConfig(
+        backend="siglip",
+        image_size=hf_vision.image_size,
+        patch_size=hf_vision.patch_size,
+        hidden_size=hf_vision.hidden_size,
+        num_layers=hf_vision.num_hidden_layers,
+        num_heads=hf_vision.num_attention_heads,
+        intermediate_size=hf_vision.intermediate_size,
+        hidden_act=hf_vision.hidden_act,
+        layer_norm_eps=hf_vision.layer_norm_eps,
+        position_embedding="bucketed",
+        patch_mask_rule=patch_mask_rule,
+    )
+
+
+def _language_config(hf_text) -> LanguageConfig:
+    config = hf_text.to_dict()
+    model_type = config.pop("model_type")
+    return LanguageConfig(model_type=model_type, config=config, special_tokens=[])
+
+
+def config_from_transformers(hf_config: Idefics2Config | Idefics3Config) -> VLMConfig:
+    """Translate a transformers Idefics2Config / Idefics3Config into a VLMConfig."""
+    text = hf_config.text_config
+    if isinstance(hf_config, Idefics2Config):
+        perceiver = hf_config.perceiver_config
+        connector = ConnectorConfig(
+            type="perceiver",
+            mlp_before=True,
+            mlp_intermediate_size=text.intermediate_size,
+            mlp_act=text.hidden_act,
+            num_latents=perceiver.resampler_n_latents,
+            depth=perceiver.resampler_depth,
+            num_heads=perceiver.resampler_n_heads,
+            head_dim=perceiver.resampler_head_dim,
+            num_key_value_heads=perceiver.num_key_value_heads,
+            perceiver_act=perceiver.hidden_act,
+            rms_norm_eps=perceiver.rms_norm_eps,
+        )
+        vision = _vision_config(hf_config.vision_config, "all")
+    elif isinstance(hf_config, Idefics3Config):
+        connector = ConnectorConfig(type="pixel_shuffle", scale_factor=hf_config.scale_factor)
+        vision = _vision_config(hf_config.vision_config, "any")
+    else:
+        raise TypeError(f"Expected an Idefics2Config or Idefics3Config, got {type(hf_config).__name__}.")
+    return VLMConfig(
+        vision=vision,
+        connector=connector,
+        language=_language_config(text),
+        fusion="autoregressive",
+        image_token_id=hf_config.image_token_id,
+    )
+
+
+def from_transformers(hf_model: HFIdefics) -> VisionLanguageModel:
+    """Build a VisionLanguageModel holding the weights of a transformers Idefics2/Idefics3 model."""
+    if not isinstance(hf_model, Idefics2ForConditionalGeneration | Idefics3ForConditionalGeneration):
+        raise TypeError(
+            "from_transformers expects Idefics2ForConditionalGeneration or "
+            f"Idefics3ForConditionalGeneration, got {type(hf_model).__name__}; "
+            "load it with AutoModelForImageTextToText.from_pretrained(path)."
+        )
+    config = config_from_transformers(hf_model.config)
+    config.language.attn_implementation = hf_model.config.text_config._attn_implementation or "sdpa"
+    with no_init_weights():
+        model = VisionLanguageModel(config)
+    model.load_state_dict(state_dict_from_transformers(hf_model.state_dict()), strict=True)
+    return model.to(dtype=hf_model.dtype, device=hf_model.device)
+
+
+def config_to_transformers(model: VisionLanguageModel) -> Idefics2Config | Idefics3Config:
+    """Translate a model's configuration to transformers, or explain why it has no Idefics equivalent."""
+    cfg = model.config
+    text_config = model.language_model.config.to_dict()
+    dims = text_dims(model.language_model.config)
+    if (
+        cfg.fusion != "autoregressive"
+        or cfg.vision.backend != "siglip"
+        or cfg.vision.position_embedding != "bucketed"
+    ):
+        raise ValueError(
+            "Only autoregressive fusion with the 'siglip' vision backend and bucketed positions exists in "
+            f"transformers' Idefics2/Idefics3 (got fusion={cfg.fusion!r}, "
+            f"vision.backend={cfg.vision.backend!r}, "
+            f"vision.position_embedding={cfg.vision.position_embedding!r}); save the state dict instead."
+        )
+    vision = cfg.vision
+    vision_config = dict(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        hidden_size=vision.hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        intermediate_size=vision.intermediate_size,
+        hidden_act=vision.hidden_act,
+        layer_norm_eps=vision.layer_norm_eps,
+    )
+    conn = cfg.connector
+    idefics2_like = (
+        conn.type == "perceiver"
+        and conn.mlp_before
+        and (conn.mlp_intermediate_size or dims.intermediate_size) == dims.intermediate_size
+        and conn.mlp_act == text_config.get("hidden_act")
+        and vision.patch_mask_rule == "all"
+    )
+    if idefics2_like:
+        perceiver_config = dict(
+            hidden_size=dims.hidden_size,
+            hidden_act=conn.perceiver_act,
+            resampler_n_latents=conn.num_latents,
+            resampler_depth=conn.depth,
+            resampler_n_heads=conn.num_heads,
+            resampler_head_dim=conn.head_dim,
+            num_key_value_heads=conn.num_key_value_heads,
+            rms_norm_eps=conn.rms_norm_eps,
+        )
+        return Idefics2Config(
+            vision_config=vision_config,
+            perceiver_config=perceiver_config,
+            text_config=text_config,
+            image_token_id=model.image_token_id,
+        )
+    if conn.type == "pixel_shuffle" and vision.patch_mask_rule == "any":
+        return Idefics3Config(
+            vision_config=vision_config,
+            text_config=text_config,
+            scale_factor=conn.scale_factor,
+            image_token_id=model.image_token_id,
+        )
+    raise ValueError(
+        "transformers has Idefics2 (perceiver connector with gated MLP of the LM's width/activation, "
+        "patch_mask_rule 'all') and Idefics3 (pixel_shuffle connector, patch_mask_rule 'any'); "
+        f"connector.type={conn.type!r} with patch_mask_rule={vision.patch_mask_rule!r} matches neither."
+    )
+
+
+def to_transformers(model: VisionLanguageModel) -> HFIdefics:
+    """Export to transformers' Idefics2/Idefics3ForConditionalGeneration (e.g. to push a trained model)."""
+    hf_config = config_to_transformers(model)
+    cls = (
+        Idefics2ForConditionalGeneration
+        if isinstance(hf_config, Idefics2Config)
+        else Idefics3ForConditionalGeneration
+    )
+    with no_init_weights():
+        hf_model = cls(hf_config)
+    hf_model.load_state_dict(state_dict_to_transformers(model.state_dict()), strict=True)
+    param = next(model.parameters())
+    return hf_model.to(dtype=param.dtype, device=param.device)

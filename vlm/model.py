@@ -1,0 +1,276 @@
+"""VisionLanguageModel: vision tower + connector + causal language model, fused one of two ways.
+
+``forward`` takes the tensors of transformers' Idefics2/Idefics3ForConditionalGeneration
+(``input_ids`` with expanded ``<image>`` tokens, ``attention_mask``, ``pixel_values`` of shape
+(batch, images, 3, H, W) zero-padded, ``pixel_attention_mask``, ``labels``) and gives the same
+logits for the same weights (see ``vlm.hf``). ``generate`` runs greedy or sampled decoding with a
+KV cache, encoding the images once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from vlm.config import IMAGE_TOKEN, VLMConfig
+from vlm.connectors import build_connector
+from vlm.cross_attention import CrossAttentionFusion, text_image_index
+from vlm.generation import StopStrings, select_next_token
+from vlm.language_model import build_language_model, text_dims
+from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    """Output of ``VisionLanguageModel.forward``; ``loss`` is set when ``labels`` are given."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    past_key_values: DynamicCache | None = None
+    image_features: Tensor | None = None
+
+
+@dataclass
+class CrossAttentionMedia:
+    """Visual tokens per sample for cross-attention (batch, tokens, dim) and each token's image."""
+
+    media: Tensor
+    media_image_index: Tensor
+
+
+class VisionLanguageModel(nn.Module):
+    """An Idefics2/Idefics3-style VLM; one config value picks its fusion (autoregressive or cross-attn)."""
+
+    def __init__(self, config: VLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = build_vision_tower(config.vision)
+        self.language_model, self.special_token_ids = build_language_model(config.language, tokenizer)
+        dims = text_dims(self.language_model.config)
+        self.connector = build_connector(
+            config.connector, self.vision_tower.hidden_size, dims.hidden_size, dims.intermediate_size
+        )
+        image_token_id = config.image_token_id
+        if image_token_id is None:
+            image_token_id = self.special_token_ids.get(IMAGE_TOKEN)
+        if image_token_id is None:
+            raise ValueError(
+                f"No image token id: add {IMAGE_TOKEN!r} to language.special_tokens or set image_token_id."
+            )
+        self.image_token_id = image_token_id
+        if config.fusion == "cross_attention":
+            self.cross_attention = CrossAttentionFusion(
+                self.language_model, config.cross_attention, dims.hidden_size
+            )
+        elif config.fusion != "autoregressive":
+            raise ValueError(
+                f"Unknown fusion {config.fusion!r}; choose 'autoregressive' or 'cross_attention'."
+            )
+
+    # --- images ---------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None) -> Tensor:
+        """Encode images into visual tokens (n_real_images, tokens_per_image, text_dim).
+
+        ``pixel_values`` is (batch, images, 3, H, W), where all-zero images are padding and are
+        dropped (as transformers does), or a flat (n_images, 3, H, W) of real images;
+        ``pixel_attention_mask`` has the same leading dims and (H, W), 1 on real pixels.
+        """
+        if pixel_values.dim() == 5:
+            flat = pixel_values.flatten(0, 1)
+            real = (flat != 0).flatten(1).any(1)
+            pixel_values = flat[real]
+            if pixel_attention_mask is not None:
+                pixel_attention_mask = pixel_attention_mask.flatten(0, 1)[real]
+        elif pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be (batch, images, 3, H, W) or (n_images, 3, H, W); "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        pixel_values = pixel_values.to(self.vision_tower_dtype)
+        patch = self.vision_tower.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        patch_mask = None
+        if pixel_attention_mask is not None:
+            patch_mask = patch_attention_mask_from_pixels(
+                pixel_attention_mask, patch, self.config.vision.patch_mask_rule
+            )
+        features = self.vision_tower(pixel_values, patch_mask)
+        return self.connector(features, grid, None if patch_mask is None else patch_mask.flatten(1))
+
+    @property
+    def vision_tower_dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    def _cross_attention_media(self, input_ids: Tensor, image_features: Tensor) -> CrossAttentionMedia:
+        """Group visual tokens by sample, in the order of the sample's ``<image>`` markers."""
+        per_sample = (input_ids == self.image_token_id).sum(1)
+        self._check_image_count(int(per_sample.sum()), image_features.shape[0], "<image> markers", 1)
+        n_tokens, dim = image_features.shape[1:]
+        batch, max_images = input_ids.shape[0], max(int(per_sample.max()), 1)
+        media = image_features.new_zeros(batch, max_images, n_tokens, dim)
+        slot = torch.arange(max_images, device=input_ids.device)[None, :] < per_sample[:, None]
+        media[slot] = image_features
+        ordinal = torch.where(slot, torch.arange(1, max_images + 1, device=input_ids.device), 0)
+        media_image_index = ordinal[:, :, None].expand(-1, -1, n_tokens)
+        return CrossAttentionMedia(media.flatten(1, 2), media_image_index.flatten(1))
+
+    @staticmethod
+    def _check_image_count(n_in_text: int, n_images: int, what: str, per_image: int) -> None:
+        if n_in_text != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {n_in_text} {what} but {n_images} images were given, which need "
+                f"{n_images} x {per_image} = {n_images * per_image}. Build the text with the processor of "
+                "this model (it expands each image to the connector's token count), or pass matching images."
+            )
+
+    # --- language model -------------------------------------------------------------------
+
+    def _language_forward(
+        self,
+        inputs_embeds: Tensor,
+        input_ids: Tensor,
+        media: CrossAttentionMedia | None,
+        images_seen: Tensor | None,
+        **lm_kwargs,
+    ):
+        """Run the LM on merged embeddings; with cross-attention, condition its blocks on ``media``."""
+        context = nullcontext()
+        if media is not None:
+            text_index = text_image_index(input_ids == self.image_token_id, images_seen)
+            context = self.cross_attention.condition(media.media, media.media_image_index, text_index)
+        with context:
+            return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+    def _embed(
+        self, input_ids: Tensor, image_features: Tensor | None
+    ) -> tuple[Tensor, CrossAttentionMedia | None]:
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        if image_features is None:
+            if self.config.fusion == "autoregressive" and bool((input_ids == self.image_token_id).any()):
+                raise ValueError("input_ids contain <image> tokens but no pixel_values were given.")
+            return inputs_embeds, None
+        if self.config.fusion == "cross_attention":
+            return inputs_embeds, self._cross_attention_media(input_ids, image_features)
+        image_mask = input_ids == self.image_token_id
+        n_images, per_image = image_features.shape[:2]
+        self._check_image_count(int(image_mask.sum()), n_images, "<image> tokens", per_image)
+        features = image_features.to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask[..., None], features), None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        image_features: Tensor | None = None,
+    ) -> VLMOutput:
+        """Logits for every position and, given ``labels`` (-100 = ignored), the mean next-token loss.
+
+        ``image_features`` (from ``encode_images``) may replace ``pixel_values``.
+        """
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values, pixel_attention_mask)
+        inputs_embeds, media = self._embed(input_ids, image_features)
+        out = self._language_forward(
+            inputs_embeds, input_ids, media, None, attention_mask=attention_mask, position_ids=position_ids
+        )
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return VLMOutput(logits=out.logits, loss=loss, image_features=image_features)
+
+    # --- generation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_attention_mask: Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int = 0,
+        stop_strings: Sequence[str] = (),
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Decode up to ``max_new_tokens`` after left-padded prompts; returns prompts + new tokens.
+
+        Greedy by default, sampling with ``do_sample`` (temperature, top-k, top-p). A row stops at
+        any of ``eos_token_id`` or once its text contains one of ``stop_strings`` (needs
+        ``tokenizer``); finished rows are filled with ``pad_token_id``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask[:, -1].eq(0).any():
+            raise ValueError(
+                "generate needs left-padded prompts (attention_mask[:, -1] must be 1 for every row)."
+            )
+        eos_ids = torch.tensor(
+            []
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
+            else list(eos_token_id),
+            device=input_ids.device,
+        )
+        stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+        image_features = (
+            None if pixel_values is None else self.encode_images(pixel_values, pixel_attention_mask)
+        )
+        inputs_embeds, media = self._embed(input_ids, image_features)
+        images_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.language_model.config)
+        step_ids = input_ids
+        sequences, finished = input_ids, torch.zeros_like(images_seen, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            out = self._language_forward(
+                inputs_embeds,
+                step_ids,
+                media,
+                images_seen,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            if media is not None:
+                images_seen = images_seen + (step_ids == self.image_token_id).sum(1)
+            next_tokens = select_next_token(
+                out.logits[:, -1], do_sample, temperature, top_k, top_p, generator
+            )
+            next_tokens = torch.where(finished, pad_token_id, next_tokens)
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            finished |= torch.isin(next_tokens, eos_ids)
+            if stops is not None:
+                finished |= stops(sequences[:, input_ids.shape[1] :])
+            if finished.all():
+                break
+            step_ids = next_tokens[:, None]
+            inputs_embeds = self.language_model.get_input_embeddings()(step_ids)
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
+            )
+            position_ids = position_ids[:, -1:] + 1
+        return sequences
