@@ -51,25 +51,25 @@ def tiny_idefics2() -> Idefics2ForConditionalGeneration:
         image_token_id=IMAGE_TOKEN_ID,
     )
     model = Idefics2ForConditionalGeneration(config).eval()
-    _randomise_init_constants(model)
+    randomise_weights(model)
     return model
 
 
-def tiny_idefics3() -> Idefics3ForConditionalGeneration:
-    """Idefics3 with a Llama text model and pixel shuffle 2."""
+def tiny_idefics3(tie_word_embeddings: bool = False) -> Idefics3ForConditionalGeneration:
+    """Idefics3 with a Llama text model and pixel shuffle 2 (SmolVLM-style with tied embeddings)."""
     torch.manual_seed(0)
     config = Idefics3Config(
-        text_config=dict(model_type="llama", **TEXT),
+        text_config=dict(model_type="llama", **dict(TEXT, tie_word_embeddings=tie_word_embeddings)),
         vision_config=VISION,
         scale_factor=2,
         image_token_id=IMAGE_TOKEN_ID,
     )
     model = Idefics3ForConditionalGeneration(config).eval()
-    _randomise_init_constants(model)
+    randomise_weights(model)
     return model
 
 
-def _randomise_init_constants(model: torch.nn.Module) -> None:
+def randomise_weights(model: torch.nn.Module) -> None:
     """Give every weight a random value of unit-scale effect.
 
     The default init (std 0.02, constant norms and latents) leaves the logits almost blind to the

@@ -9,14 +9,26 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from vlm.config import CrossAttentionConfig, get_preset
+from vlm.config import CrossAttentionConfig, LanguageConfig, get_preset
 from vlm.model import VisionLanguageModel
 
+SMALL = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+)
+DECODER_FAMILIES = {
+    "llama": LanguageConfig("llama", dict(SMALL, num_key_value_heads=2)),
+    "mistral": LanguageConfig("mistral", dict(SMALL, num_key_value_heads=2)),
+    "qwen2": LanguageConfig("qwen2", dict(SMALL, num_key_value_heads=2)),
+    "gpt2": LanguageConfig("gpt2", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+}
 
-def build(fusion: str, gates: float = 0.0) -> VisionLanguageModel:
-    config = get_preset("idefics2-tiny")
+
+def build(fusion: str, gates: float = 0.0, family: str = "mistral") -> VisionLanguageModel:
     config = dataclasses.replace(
-        config, fusion=fusion, cross_attention=CrossAttentionConfig(every_n_layers=1, heads=2, dim_head=16)
+        get_preset("idefics2-tiny"),
+        language=DECODER_FAMILIES[family],
+        fusion=fusion,
+        cross_attention=CrossAttentionConfig(every_n_layers=1, heads=2, dim_head=16),
     )
     torch.manual_seed(0)
     model = VisionLanguageModel(config).eval()
@@ -42,18 +54,6 @@ def prompt(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     pixel_values[0] = torch.randn(2, 3, 32, 32)
     pixel_values[1, 0] = torch.randn(3, 32, 32)
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-
-
-def test_cross_attention_at_init_gives_the_bare_language_model_logits():
-    model = build("cross_attention")
-    batch = prompt(model)
-    with torch.no_grad():
-        fused = model(**batch).logits
-        bare = model.language_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-    assert torch.equal(fused, bare)
-    assert len(model.cross_attention.blocks) == model.language_model.config.num_hidden_layers
 
 
 def test_cross_attention_gates_receive_gradients_through_the_model():
@@ -91,13 +91,35 @@ def naive_greedy(model: VisionLanguageModel, batch: dict, steps: int) -> torch.T
     return ids
 
 
+@pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))
 @pytest.mark.parametrize(("fusion", "gates"), [("autoregressive", 0.0), ("cross_attention", 0.5)])
-def test_cached_greedy_generation_equals_full_recomputation(fusion, gates):
-    model = build(fusion, gates)
+def test_cached_greedy_generation_equals_full_recomputation(fusion, gates, family):
+    model = build(fusion, gates, family)
     batch = prompt(model)
     with torch.no_grad():
         expected = naive_greedy(model, batch, 6)
     assert torch.equal(model.generate(**batch, max_new_tokens=6), expected)
+
+
+@pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))
+def test_cross_attention_at_init_equals_bare_lm_on_every_family(family):
+    model = build("cross_attention", family=family)
+    batch = prompt(model)
+    with torch.no_grad():
+        fused = model(**batch).logits
+        bare = model.language_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    assert torch.equal(fused, bare)
+    assert len(model.cross_attention.blocks) == model.language_model.config.num_hidden_layers
+
+
+def test_generate_encodes_images_once():
+    model = build("autoregressive")
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    model.generate(**prompt(model), max_new_tokens=4)
+    assert len(calls) == 1
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from idefics_fixtures import left_padded, mixed_batch, tiny_idefics2, tiny_idefics3
@@ -11,6 +13,7 @@ from vlm.hf import from_transformers, to_transformers
 CASES = {
     "idefics2": (tiny_idefics2, 8),  # perceiver latents per image
     "idefics3": (tiny_idefics3, 9),  # (48 / 8)^2 patches / scale 2^2
+    "idefics3-tied-embeddings": (partial(tiny_idefics3, tie_word_embeddings=True), 9),  # SmolVLM-style
 }
 
 
