@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -83,11 +85,12 @@ def test_full_scale_preset_matches_transformers_on_meta(preset, hf_cls, hf_confi
         assert n_params(getattr(ours, part)) == n_params(hf_part), part
 
 
+@pytest.mark.parametrize("fusion", ["autoregressive", "cross_attention"])
 @pytest.mark.parametrize("preset", ["idefics2-tiny", "idefics3-tiny"])
-def test_tiny_presets_build_and_run(preset):
-    model = VisionLanguageModel(get_preset(preset)).eval()
+def test_tiny_presets_build_and_run_with_either_fusion(preset, fusion):
+    model = VisionLanguageModel(dataclasses.replace(get_preset(preset), fusion=fusion)).eval()
     image = torch.randn(1, 1, 3, 32, 48)
-    n_tokens = model.encode_images(image).shape[1]
+    n_tokens = model.encode_images(image).shape[1] if fusion == "autoregressive" else 1
     input_ids = torch.tensor([[5] + [model.image_token_id] * n_tokens + [6, 7]])
     out = model(input_ids=input_ids, pixel_values=image, labels=input_ids)
     assert out.logits.shape == (1, input_ids.shape[1], model.language_model.config.vocab_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 # Special tokens of both recipes, in the order the released tokenizers added them (so that the
@@ -189,6 +190,9 @@ TINY_TEXT = dict(
     tie_word_embeddings=False,
 )
 
+# Tiny LMs have 2 layers: a block before each, so switching fusion to cross_attention works as is.
+TINY_CROSS_ATTENTION = partial(CrossAttentionConfig, every_n_layers=1, heads=4, dim_head=16)
+
 
 def _idefics2() -> VLMConfig:
     """Idefics2-8B: SigLIP-SO400M at up to 980px (bucketed positions), Mistral-7B, MLP + perceiver 3x64."""
@@ -215,6 +219,7 @@ def _idefics2_tiny() -> VLMConfig:
             type="perceiver", num_latents=8, depth=2, num_heads=4, head_dim=16, num_key_value_heads=2
         ),
         language=LanguageConfig(model_type="mistral", config=dict(TINY_TEXT)),
+        cross_attention=TINY_CROSS_ATTENTION(),
     )
 
 
@@ -223,6 +228,7 @@ def _idefics3_tiny() -> VLMConfig:
         vision=VisionConfig(image_size=32, patch_mask_rule="any", **TINY_VISION),
         connector=ConnectorConfig(type="pixel_shuffle", scale_factor=2),
         language=LanguageConfig(model_type="llama", config=dict(TINY_TEXT)),
+        cross_attention=TINY_CROSS_ATTENTION(),
     )
 
 
