@@ -16,6 +16,15 @@ from transformers import (
 from vlm.config import get_preset
 from vlm.model import VisionLanguageModel
 
+# Mistral-7B and Llama-3.1-8B share these shapes; they differ in vocabulary (and RoPE settings).
+LM_8B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
 SIGLIP_SO400M = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14
 )
@@ -23,16 +32,7 @@ SIGLIP_SO400M = dict(
 
 def idefics2_8b_config() -> Idefics2Config:
     """HuggingFaceM4/idefics2-8b: SigLIP-SO400M at 980, Mistral-7B (+3 special tokens), perceiver 3 x 64."""
-    text = dict(
-        model_type="mistral",
-        vocab_size=32003,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    )
+    text = dict(model_type="mistral", vocab_size=32003, **LM_8B_SHAPE)
     perceiver = dict(
         hidden_size=4096,
         resampler_n_latents=64,
@@ -48,16 +48,7 @@ def idefics2_8b_config() -> Idefics2Config:
 
 def idefics3_8b_config() -> Idefics3Config:
     """HuggingFaceM4/Idefics3-8B-Llama3: SigLIP-SO400M on 364 tiles, Llama-3.1-8B (+3 tokens), shuffle 2."""
-    text = dict(
-        model_type="llama",
-        vocab_size=128259,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    )
+    text = dict(model_type="llama", vocab_size=128259, **LM_8B_SHAPE)
     return Idefics3Config(
         text_config=text, vision_config=dict(image_size=364, **SIGLIP_SO400M), scale_factor=2
     )

@@ -20,6 +20,7 @@ from transformers.initialization import no_init_weights
 from vlm.config import ConnectorConfig, LanguageConfig, VisionConfig, VLMConfig
 from vlm.language_model import text_dims
 from vlm.model import VisionLanguageModel
+from vlm.vision import siglip_config_kwargs
 
 HFIdefics = Idefics2ForConditionalGeneration | Idefics3ForConditionalGeneration
 
@@ -137,16 +138,7 @@ def config_to_transformers(model: VisionLanguageModel) -> Idefics2Config | Idefi
             f"vision.position_embedding={cfg.vision.position_embedding!r}); save the state dict instead."
         )
     vision = cfg.vision
-    vision_config = dict(
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        hidden_size=vision.hidden_size,
-        num_hidden_layers=vision.num_layers,
-        num_attention_heads=vision.num_heads,
-        intermediate_size=vision.intermediate_size,
-        hidden_act=vision.hidden_act,
-        layer_norm_eps=vision.layer_norm_eps,
-    )
+    vision_config = siglip_config_kwargs(vision)
     conn = cfg.connector
     idefics2_like = (
         conn.type == "perceiver"

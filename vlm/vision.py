@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import open_clip
 import timm
@@ -282,10 +282,9 @@ def _load_siglip(path: str) -> SiglipVisionModel:
     return SiglipVisionModel.from_pretrained(path, attn_implementation="sdpa", vision_use_head=False)
 
 
-def _build_siglip(cfg: VisionConfig) -> VisionTower:
-    if cfg.pretrained:
-        return SiglipVisionTower(_load_siglip(cfg.pretrained), cfg.position_embedding)
-    config = SiglipVisionConfig(
+def siglip_config_kwargs(cfg: VisionConfig) -> dict[str, Any]:
+    """transformers SigLIP / Idefics vision-config arguments for the sizes in ``cfg``."""
+    return dict(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         hidden_size=cfg.hidden_size,
@@ -294,8 +293,14 @@ def _build_siglip(cfg: VisionConfig) -> VisionTower:
         intermediate_size=cfg.intermediate_size,
         hidden_act=cfg.hidden_act,
         layer_norm_eps=cfg.layer_norm_eps,
-        vision_use_head=False,
-        attn_implementation="sdpa",
+    )
+
+
+def _build_siglip(cfg: VisionConfig) -> VisionTower:
+    if cfg.pretrained:
+        return SiglipVisionTower(_load_siglip(cfg.pretrained), cfg.position_embedding)
+    config = SiglipVisionConfig(
+        **siglip_config_kwargs(cfg), vision_use_head=False, attn_implementation="sdpa"
     )
     return SiglipVisionTower(SiglipVisionModel(config), cfg.position_embedding)
 
