@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +72,15 @@ def build_language_model(
                 "vocabulary already holds them and give image_token_id explicitly."
             )
         return model, {}
-    missing = [tok for tok in cfg.special_tokens if tok not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    token_ids = add_special_tokens(tokenizer, cfg.special_tokens)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    return model, {tok: tokenizer.convert_tokens_to_ids(tok) for tok in cfg.special_tokens}
+    return model, token_ids
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> dict[str, int]:
+    """Add the ``tokens`` the tokenizer lacks as special tokens (never split); return every token's id."""
+    missing = [tok for tok in tokens if tok not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokens}
