@@ -22,6 +22,9 @@ END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 RECIPE_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN)
 
+# Label value of positions that take no loss (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
+
 
 @dataclass
 class VisionConfig:

@@ -19,14 +19,12 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from vlm.config import IMAGE_TOKEN, VLMConfig
+from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
 from vlm.connectors import build_connector
 from vlm.cross_attention import CrossAttentionFusion, text_image_index
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
 from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels
-
-IGNORE_INDEX = -100
 
 
 @dataclass
