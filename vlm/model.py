@@ -109,18 +109,50 @@ class VisionLanguageModel(nn.Module):
     def vision_tower_dtype(self) -> torch.dtype:
         return next(self.vision_tower.parameters()).dtype
 
-    def _cross_attention_media(self, input_ids: Tensor, image_features: Tensor) -> CrossAttentionMedia:
-        """Group visual tokens by sample, in the order of the sample's ``<image>`` markers."""
-        per_sample = (input_ids == self.image_token_id).sum(1)
-        self._check_image_count(int(per_sample.sum()), image_features.shape[0], "<image> markers", 1)
-        n_tokens, dim = image_features.shape[1:]
-        batch, max_images = input_ids.shape[0], max(int(per_sample.max()), 1)
-        media = image_features.new_zeros(batch, max_images, n_tokens, dim)
-        slot = torch.arange(max_images, device=input_ids.device)[None, :] < per_sample[:, None]
-        media[slot] = image_features
-        ordinal = torch.where(slot, torch.arange(1, max_images + 1, device=input_ids.device), 0)
-        media_image_index = ordinal[:, :, None].expand(-1, -1, n_tokens)
-        return CrossAttentionMedia(media.flatten(1, 2), media_image_index.flatten(1))
+    def _cross_attention_media(
+        self, input_ids: Tensor, image_features: Tensor, tiles_per_image: Tensor | None
+    ) -> CrossAttentionMedia:
+        """Group visual tokens by sample: image i (its tiles' tokens together) follows the sample's
+        i-th ``<image>`` marker."""
+        images_per_sample = (input_ids == self.image_token_id).sum(1)
+        n_tiles, tokens_per_tile, dim = image_features.shape
+        if tiles_per_image is None:
+            tiles_per_image = torch.ones(n_tiles, dtype=torch.long, device=input_ids.device)
+        if int(tiles_per_image.sum()) != n_tiles:
+            raise ValueError(
+                f"tiles_per_image sums to {int(tiles_per_image.sum())} but {n_tiles} tiles were given."
+            )
+        self._check_image_count(int(images_per_sample.sum()), len(tiles_per_image), "<image> markers", 1)
+        device = input_ids.device
+        batch = input_ids.shape[0]
+        image_sample = torch.repeat_interleave(torch.arange(batch, device=device), images_per_sample)
+        first_image = torch.cumsum(images_per_sample, 0) - images_per_sample
+        image_ordinal = torch.arange(len(image_sample), device=device) - first_image[image_sample] + 1
+        image_tokens = tiles_per_image.to(device) * tokens_per_tile
+        token_sample = torch.repeat_interleave(image_sample, image_tokens)
+        sample_tokens = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
+            0, image_sample, image_tokens
+        )
+        first_token = torch.cumsum(sample_tokens, 0) - sample_tokens
+        token_position = torch.arange(len(token_sample), device=device) - first_token[token_sample]
+        width = max(int(sample_tokens.max()), 1)
+        media = image_features.new_zeros(batch, width, dim)
+        media[token_sample, token_position] = image_features.reshape(-1, dim)
+        media_image_index = torch.zeros(batch, width, dtype=torch.long, device=device)
+        media_image_index[token_sample, token_position] = torch.repeat_interleave(image_ordinal, image_tokens)
+        return CrossAttentionMedia(media, media_image_index)
+
+    def _check_tiles_per_sample(self, input_ids: Tensor, tiles_per_sample: Tensor, per_tile: int) -> None:
+        in_text = (input_ids == self.image_token_id).sum(1).cpu()
+        expected = tiles_per_sample.cpu() * per_tile
+        bad = (in_text != expected).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            raise ValueError(
+                f"Row {row} of input_ids holds {int(in_text[row])} <image> tokens but its "
+                f"{int(tiles_per_sample[row])} tiles need {int(expected[row])} (rows {bad} disagree). "
+                "Build the text and images of a sample together with the processor of this model."
+            )
 
     @staticmethod
     def _check_image_count(n_in_text: int, n_images: int, what: str, per_image: int) -> None:
@@ -150,7 +182,11 @@ class VisionLanguageModel(nn.Module):
             return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
 
     def _embed(
-        self, input_ids: Tensor, image_features: Tensor | None
+        self,
+        input_ids: Tensor,
+        image_features: Tensor | None,
+        tiles_per_sample: Tensor | None = None,
+        tiles_per_image: Tensor | None = None,
     ) -> tuple[Tensor, CrossAttentionMedia | None]:
         inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
         if image_features is None:
@@ -158,9 +194,11 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError("input_ids contain <image> tokens but no pixel_values were given.")
             return inputs_embeds, None
         if self.config.fusion == "cross_attention":
-            return inputs_embeds, self._cross_attention_media(input_ids, image_features)
+            return inputs_embeds, self._cross_attention_media(input_ids, image_features, tiles_per_image)
         image_mask = input_ids == self.image_token_id
         n_images, per_image = image_features.shape[:2]
+        if tiles_per_sample is not None:
+            self._check_tiles_per_sample(input_ids, tiles_per_sample, per_image)
         self._check_image_count(int(image_mask.sum()), n_images, "<image> tokens", per_image)
         features = image_features.to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask[..., None], features), None
@@ -174,14 +212,19 @@ class VisionLanguageModel(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         image_features: Tensor | None = None,
+        tiles_per_sample: Tensor | None = None,
+        tiles_per_image: Tensor | None = None,
     ) -> VLMOutput:
         """Logits for every position and, given ``labels`` (-100 = ignored), the mean next-token loss.
 
-        ``image_features`` (from ``encode_images``) may replace ``pixel_values``.
+        ``image_features`` (from ``encode_images``) may replace ``pixel_values``. With the
+        processor's flat layout, ``tiles_per_sample`` checks each row's image tokens and
+        ``tiles_per_image`` groups the tiles of each image for cross-attention (default: one
+        tile per image).
         """
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, pixel_attention_mask)
-        inputs_embeds, media = self._embed(input_ids, image_features)
+        inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
         out = self._language_forward(
             inputs_embeds, input_ids, media, None, attention_mask=attention_mask, position_ids=position_ids
         )
@@ -211,12 +254,15 @@ class VisionLanguageModel(nn.Module):
         stop_strings: Sequence[str] = (),
         tokenizer: PreTrainedTokenizerBase | None = None,
         generator: torch.Generator | None = None,
+        tiles_per_sample: Tensor | None = None,
+        tiles_per_image: Tensor | None = None,
     ) -> Tensor:
         """Decode up to ``max_new_tokens`` after left-padded prompts; returns prompts + new tokens.
 
         Greedy by default, sampling with ``do_sample`` (temperature, top-k, top-p). A row stops at
         any of ``eos_token_id`` or once its text contains one of ``stop_strings`` (needs
-        ``tokenizer``); finished rows are filled with ``pad_token_id``.
+        ``tokenizer``); finished rows are filled with ``pad_token_id``. ``tiles_per_sample`` /
+        ``tiles_per_image`` as in ``forward``.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -236,7 +282,7 @@ class VisionLanguageModel(nn.Module):
         image_features = (
             None if pixel_values is None else self.encode_images(pixel_values, pixel_attention_mask)
         )
-        inputs_embeds, media = self._embed(input_ids, image_features)
+        inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
         images_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.language_model.config)

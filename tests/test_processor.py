@@ -1,0 +1,172 @@
+"""VLMProcessor equals transformers' Idefics2Processor / Idefics3Processor (PIL image processors).
+
+Same tokenizer, same settings, same texts and images -> identical input_ids and attention_mask,
+pixel_values within 1e-5 and identical pixel_attention_mask, over 30+ image sizes and modes, both
+recipes, image splitting on and off.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Idefics2Processor, Idefics3Processor
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+from vlm.config import get_preset
+from vlm.model import VisionLanguageModel
+from vlm.processing import ImageProcessor, VLMProcessor
+from vlm.processing.tokenizer import load_tiny_tokenizer
+
+SIZES = [  # (width, height)
+    (1, 1000), (1000, 1), (17, 23), (364, 364), (365, 364), (980, 980), (4000, 3000), (3000, 4000),
+    (1, 1), (2, 2), (378, 378), (500, 300), (300, 500), (386, 386), (728, 364), (1456, 1456),
+    (2000, 500), (100, 3000), (377, 379), (981, 979), (640, 480), (33, 1500),
+]  # fmt: skip
+MODES = ["L", "LA", "RGBA", "P", "P-transparency", "CMYK", "I;16", "I", "1", "RGB-from-jpeg"]
+
+
+def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Deterministic noise + gradient image of the given size and PIL mode."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    rgb = Image.fromarray(pixels)
+    if mode == "RGB":
+        return rgb
+    if mode == "RGBA":
+        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+        return Image.merge("RGBA", (*rgb.split(), alpha))
+    if mode == "P-transparency":
+        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        image.info["transparency"] = 0
+        return image
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-70000, 70000, (height, width), dtype=np.int32))
+    if mode == "RGB-from-jpeg":
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=80)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+    return rgb.convert(mode)
+
+
+def cases() -> list[list[Image.Image]]:
+    """Samples of 1-2 images: every size in RGB, then every mode at a middle size (32 images)."""
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    images += [make_image(300 + 7 * i, 200 + 11 * i, mode, seed=i) for i, mode in enumerate(MODES)]
+    return [images[i : i + 2] if i % 3 == 0 else [images[i]] for i in range(len(images))]
+
+
+def reference_processor(recipe: str, splitting: bool):
+    tokenizer = load_tiny_tokenizer()
+    if recipe == "idefics2":
+        return Idefics2Processor(
+            Idefics2ImageProcessorPil(do_image_splitting=splitting), tokenizer, image_seq_len=4
+        )
+    return Idefics3Processor(
+        Idefics3ImageProcessorPil(do_image_splitting=splitting), tokenizer, image_seq_len=9
+    )
+
+
+def prompt(n_images: int) -> str:
+    return "User:" + "<image>" * n_images + "What is in the picture?<end_of_utterance>\nAssistant:"
+
+
+@pytest.mark.parametrize("splitting", [False, True])
+@pytest.mark.parametrize("recipe", ["idefics2", "idefics3"])
+def test_matches_transformers_processor(recipe, splitting):
+    reference = reference_processor(recipe, splitting)
+    ours = VLMProcessor.from_transformers(reference)
+    samples = cases()
+    assert sum(map(len, samples)) >= 30
+    if recipe == "idefics2" and splitting:
+        # transformers divides by zero on the 1-pixel-high crops of a 1000x1 image (checked below)
+        samples = [s for s in samples if all(min(im.size) > 1 for im in s)]
+    for batch in (samples[i : i + 4] for i in range(0, len(samples), 4)):
+        texts = [prompt(len(sample)) for sample in batch]
+        expected = reference(text=texts, images=batch, padding=True, return_tensors="pt")
+        got = ours(text=texts, images=batch, image_layout="transformers")
+        assert set(got) == set(expected), (set(got), set(expected))
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["attention_mask"], expected["attention_mask"])
+        assert got["pixel_values"].shape == expected["pixel_values"].shape
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+        assert torch.equal(got["pixel_attention_mask"], expected["pixel_attention_mask"])
+
+
+def test_idefics2_splitting_of_a_one_pixel_high_image_works_where_transformers_fails():
+    image = make_image(700, 1)
+    reference = reference_processor("idefics2", splitting=True)
+    with pytest.raises(ZeroDivisionError):
+        reference(text=[prompt(1)], images=[[image]], return_tensors="pt")
+    out = VLMProcessor.from_transformers(reference)(text=[prompt(1)], images=[[image]])
+    assert out["tiles_per_sample"].tolist() == [5]
+    assert torch.isfinite(out["pixel_values"]).all()
+
+
+def tiny_processor(preset: str, fusion: str = "autoregressive") -> tuple[VLMProcessor, VisionLanguageModel]:
+    """A tiny model and its processor: tiles of the preset's vision image size, one token count."""
+    config = get_preset(preset)
+    config.fusion = fusion
+    tokenizer = load_tiny_tokenizer()
+    model = VisionLanguageModel(config, tokenizer=tokenizer).eval()
+    tile = config.vision.image_size
+    recipe = preset.split("-")[0]
+    if recipe == "idefics3":
+        image_processor = ImageProcessor("idefics3", tile_size=tile, longest_edge=2 * tile)
+    else:
+        image_processor = ImageProcessor("idefics2", shortest_edge=tile, longest_edge=2 * tile)
+    per_tile = model.encode_images(torch.zeros(1, 3, tile, tile)).shape[1]
+    return VLMProcessor(tokenizer, image_processor, image_seq_len=per_tile, fusion=fusion), model
+
+
+@pytest.mark.parametrize("fusion", ["autoregressive", "cross_attention"])
+@pytest.mark.parametrize("preset", ["idefics2-tiny", "idefics3-tiny"])
+def test_flat_batches_feed_the_model(preset, fusion):
+    processor, model = tiny_processor(preset, fusion)
+    images = [[make_image(90, 50, seed=1), make_image(40, 64, seed=2)], [], [make_image(64, 64, seed=3)]]
+    texts = [prompt(2), "Just text, no image.", prompt(1)]
+    batch = processor(text=texts, images=images, return_labels=True)
+    assert batch["pixel_values"].shape[0] == int(batch["tiles_per_sample"].sum())
+    assert (batch["pixel_values"].flatten(1).abs().sum(1) > 0).all()  # no padding images
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
+    generated = model.generate(**processor(text=texts, images=images, padding_side="left"), max_new_tokens=3)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_flat_and_transformers_layouts_give_the_same_logits():
+    processor, model = tiny_processor("idefics3-tiny")
+    images = [[make_image(90, 50, seed=1)], [make_image(40, 64, seed=2), make_image(64, 30, seed=4)]]
+    texts = [prompt(1), prompt(2)]
+    with torch.no_grad():
+        flat = model(**processor(text=texts, images=images)).logits
+        padded = model(**processor(text=texts, images=images, image_layout="transformers")).logits
+    torch.testing.assert_close(flat, padded, atol=1e-5, rtol=0)
+
+
+def test_conversations_get_sft_labels_on_answers_only():
+    processor, _ = tiny_processor("idefics2-tiny")
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many squares?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Three."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And their colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+    ]
+    batch = processor.encode_conversations([conversation], images=[[make_image(50, 40)]])
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.decode(labelled) == " Three.<end_of_utterance> Red.<end_of_utterance>"
+
+
+def test_image_count_mismatch_is_a_clear_error():
+    processor, _ = tiny_processor("idefics2-tiny")
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(text=[prompt(2)], images=[make_image(30, 30)])
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(text=[prompt(1)], images=[[make_image(30, 30), make_image(20, 20)]])
