@@ -170,3 +170,35 @@ def test_image_count_mismatch_is_a_clear_error():
         processor(text=[prompt(2)], images=[make_image(30, 30)])
     with pytest.raises(ValueError, match="placeholder"):
         processor(text=[prompt(1)], images=[[make_image(30, 30), make_image(20, 20)]])
+
+
+def test_image_token_budget_lowers_resolution_per_sample():
+    tokenizer = load_tiny_tokenizer()
+    image_processor = ImageProcessor("idefics3", tile_size=32, longest_edge=128)
+    budgeted = VLMProcessor(tokenizer, image_processor, image_seq_len=4, max_image_tokens_per_sample=40)
+    unbounded = VLMProcessor(tokenizer, image_processor, image_seq_len=4)
+    images = [[make_image(128, 128)], [make_image(40, 30)]]
+    texts = [prompt(1), prompt(1)]
+    # 4x4 tiles + global at 128 px; the 40x30 image is upscaled to 128x96: 4x3 tiles + global
+    assert unbounded(text=texts, images=images)["tiles_per_sample"].tolist() == [17, 13]
+    batch = budgeted(text=texts, images=images)
+    assert batch["tiles_per_sample"].tolist() == [10, 10]  # both lowered to 96 px: 3x3 tiles + global
+    image_tokens = (batch["input_ids"] == budgeted.image_token_id).sum(1)
+    assert (image_tokens <= 40).all()
+    with pytest.raises(ValueError, match="at least 4"):
+        VLMProcessor(tokenizer, image_processor, image_seq_len=4, max_image_tokens_per_sample=3)
+
+
+def test_encoded_images_decode_and_bad_bytes_are_clear_errors(tmp_path):
+    processor, _ = tiny_processor("idefics2-tiny")
+    buffer = io.BytesIO()
+    make_image(40, 30).save(buffer, format="PNG")
+    path = tmp_path / "image.png"
+    path.write_bytes(buffer.getvalue())
+    from_bytes = processor(text=[prompt(1)], images=[buffer.getvalue()])
+    from_path = processor(text=[prompt(1)], images=[[str(path)]])
+    assert torch.equal(from_bytes["pixel_values"], from_path["pixel_values"])
+    with pytest.raises(ValueError, match="not a readable image"):
+        processor(text=[prompt(1)], images=[b""])
+    with pytest.raises(ValueError, match="not a readable image"):
+        processor(text=[prompt(1)], images=[b"\x89PNG\r\n\x1a\n" + b"garbage" * 10])

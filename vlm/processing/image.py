@@ -53,8 +53,8 @@ def load_image(source: bytes | str | os.PathLike | Image.Image, max_pixels: int 
     name = f"<{len(source)} bytes>" if isinstance(source, bytes) else repr(os.fspath(source))
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name} is not a readable image: {error}") from error
+    except Exception as error:  # unidentified format, decompression bomb, or a header PIL chokes on
+        raise ValueError(f"{name} is not a readable image: {error!r}") from error
     with image:
         if image.width * image.height > max_pixels:
             raise ValueError(

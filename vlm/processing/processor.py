@@ -8,6 +8,8 @@ without padding images: all tiles of the batch in one tensor plus ``tiles_per_sa
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 from collections.abc import Sequence
 from itertools import accumulate, pairwise
@@ -20,7 +22,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm.config import IMAGE_TOKEN, RECIPE_SPECIAL_TOKENS
 from vlm.language_model import add_special_tokens
-from vlm.processing.image import ImageProcessor, ProcessedImages
+from vlm.processing.image import ImageProcessor, ProcessedImages, load_image
 from vlm.processing.text import (
     Fusion,
     Message,
@@ -31,19 +33,25 @@ from vlm.processing.text import (
     render_conversation,
 )
 
-ImagesInput = Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image]]
+ImageSource = Image.Image | bytes | str | os.PathLike
+ImagesInput = ImageSource | Sequence[ImageSource] | Sequence[Sequence[ImageSource]]
 ImageLayoutChoice = Literal["flat", "transformers"]
 
 
+def _is_image(item: object) -> bool:
+    return isinstance(item, Image.Image | bytes | str | os.PathLike)
+
+
 def _images_per_sample(images: ImagesInput | None, texts: list[str] | None) -> list[list[Image.Image]] | None:
-    """Group images by sample: a single image, a flat list (split by each text's ``<image>`` count, as
-    transformers does), or one list per sample."""
+    """Group images by sample (a single image, a flat list split by each text's ``<image>`` count as
+    transformers does, or one list per sample), decoding encoded bytes and file paths."""
     if images is None:
         return None
-    if isinstance(images, Image.Image):
+    if _is_image(images):
         images = [images]
     images = list(images)
-    if images and all(isinstance(item, Image.Image) for item in images):
+    if images and all(_is_image(item) for item in images):
+        images = [load_image(item) for item in images]
         if texts is None:
             return [images]
         counts = [text.count(IMAGE_TOKEN) for text in texts]
@@ -54,11 +62,12 @@ def _images_per_sample(images: ImagesInput | None, texts: list[str] | None) -> l
             )
         bounds = list(accumulate([0, *counts]))
         return [images[start:end] for start, end in pairwise(bounds)]
-    if not all(isinstance(sample, Sequence) for sample in images):
+    if not all(isinstance(sample, Sequence) and all(map(_is_image, sample)) for sample in images):
         raise TypeError(
-            "images must be a PIL image, a list of PIL images, or one list of PIL images per text."
+            "images must be an image (PIL image, encoded bytes or file path), a list of images, or one "
+            "list of images per text."
         )
-    grouped = [list(sample) for sample in images]
+    grouped = [[load_image(item) for item in sample] for sample in images]
     if texts is not None and len(grouped) != len(texts):
         raise ValueError(
             f"Got {len(texts)} texts but {len(grouped)} lists of images: give one list per text."
@@ -76,6 +85,9 @@ class VLMProcessor:
     ``pil_rgb_inputs`` reproduces ``Idefics2Processor``, which passes every image through EXIF
     transposition and PIL's ``convert("RGB")`` (alpha dropped, not composited on white) before
     its image processor; otherwise the image processor's ``to_rgb`` conversion applies.
+    ``max_image_tokens_per_sample`` caps a sample's visual tokens (tiles x ``image_seq_len``): the
+    image processor lowers that sample's resolution until it fits (its ``max_tiles_per_sample``).
+    Images may be PIL images, encoded bytes or file paths (decoded by ``load_image``).
     """
 
     def __init__(
@@ -85,7 +97,18 @@ class VLMProcessor:
         image_seq_len: int,
         fusion: Fusion = "autoregressive",
         pil_rgb_inputs: bool = False,
+        max_image_tokens_per_sample: int | None = None,
     ) -> None:
+        if max_image_tokens_per_sample is not None:
+            max_tiles = max_image_tokens_per_sample // image_seq_len
+            if max_tiles < 1:
+                raise ValueError(
+                    f"max_image_tokens_per_sample={max_image_tokens_per_sample} is less than one tile "
+                    f"(image_seq_len={image_seq_len} tokens): raise it to at least {image_seq_len}."
+                )
+            if image_processor.max_tiles_per_sample is not None:
+                max_tiles = min(max_tiles, image_processor.max_tiles_per_sample)
+            image_processor = dataclasses.replace(image_processor, max_tiles_per_sample=max_tiles)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_seq_len = image_seq_len
