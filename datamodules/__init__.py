@@ -1,1 +1,5 @@
-"""LightningDataModules and dataset readers (one reader per shard format) that feed `VisionLanguageModel`."""
+"""LightningDataModules and dataset readers: shards -> ``Sample`` -> processor -> packed batches."""
+
+from datamodules.sample import Sample
+
+__all__ = ["Sample"]

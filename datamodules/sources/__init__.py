@@ -1,0 +1,65 @@
+"""Dataset readers (one module per on-disk format) and ``iter_samples``, the way to stream any of them.
+
+``iter_samples(source, urls, **options)`` expands ``urls`` (paths, globs, brace patterns such as
+``shard-{0000..0099}.tar``, URLs) into shards and streams their ``Sample``s in order; skipped
+records are counted on the returned iterator's ``.stats`` (reason -> count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import braceexpand
+import fsspec
+
+from datamodules.sample import Sample
+from datamodules.sources.base import READERS, RecordStats, get_reader, register
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard list from paths, globs, brace patterns and URLs, in the given order (globs sorted).
+
+    A pattern that matches nothing, or a plain path that does not exist, raises
+    ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing.
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    shards: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand.braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(url)
+            if _GLOB_CHARS & set(path):
+                matches = sorted(fs.glob(path))
+                if not matches:
+                    raise FileNotFoundError(f"No shard matches {url!r}.")
+                protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+                shards += [protocol + match if protocol else match for match in matches]
+            elif "://" in url and not url.startswith("file://"):
+                shards.append(url)  # remote: existence is checked when the shard is opened
+            elif not fs.exists(path):
+                raise FileNotFoundError(f"Shard not found: {url}")
+            else:
+                shards.append(url)
+    return shards
+
+
+class SampleStream(Iterator[Sample]):
+    """An iterator of ``Sample`` with the ``stats`` (``RecordStats``) of what it read and skipped."""
+
+    def __init__(self, source: str, shards: list[str], options: dict) -> None:
+        self.source, self.shards, self.stats = source, shards, RecordStats()
+        reader = get_reader(source)
+        self._samples = (sample for shard in shards for sample in reader(shard, self.stats, **options))
+
+    def __next__(self) -> Sample:
+        return next(self._samples)
+
+
+def iter_samples(source: str, urls: str | Sequence[str], **options) -> SampleStream:
+    """Stream the ``Sample``s of ``source`` (see ``READERS``) from ``urls``; ``options`` go to the reader."""
+    get_reader(source)
+    return SampleStream(source, expand_urls(urls), options)
+
+
+__all__ = ["READERS", "RecordStats", "Sample", "SampleStream", "expand_urls", "iter_samples", "register"]
