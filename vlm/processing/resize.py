@@ -15,6 +15,17 @@ import math
 MAX_IMAGE_SIZE = 4096
 
 
+def _shrink_longest_side(height: int, width: int, max_len: int) -> tuple[int, int]:
+    """The longest side down to ``max_len``, the other by the aspect ratio truncated to an int (the
+    shared step of transformers' Idefics2 resize and Idefics3 ``scale_below_upper_bound``)."""
+    aspect_ratio = width / height if height else math.inf
+    if width >= height and width > max_len:
+        return int(max_len / aspect_ratio), max_len
+    if height > width and height > max_len:
+        return max_len, int(max_len * aspect_ratio)
+    return height, width
+
+
 def idefics2_size(
     height: int, width: int, shortest_edge: int, longest_edge: int, upscale: bool = True
 ) -> tuple[int, int]:
@@ -25,14 +36,7 @@ def idefics2_size(
     An empty crop (see ``idefics2_crop_boxes``) gets a size too: transformers' for a 0 width, and
     the same rule for a 0 height, where transformers divides by zero.
     """
-    aspect_ratio = width / height if height else math.inf
-    new_height, new_width = height, width
-    if width >= height and width > longest_edge:
-        new_width = longest_edge
-        new_height = int(new_width / aspect_ratio)
-    elif height > width and height > longest_edge:
-        new_height = longest_edge
-        new_width = int(new_height * aspect_ratio)
+    new_height, new_width = _shrink_longest_side(height, width, longest_edge)
     if not upscale:
         return max(new_height, min(shortest_edge, height), 1), max(new_width, min(shortest_edge, width), 1)
     return max(new_height, shortest_edge), max(new_width, shortest_edge)
@@ -70,13 +74,7 @@ def idefics3_size(height: int, width: int, longest_edge: int, upscale: bool = Tr
             width = int(height * aspect_ratio)
             width += width % 2
         height, width = max(height, 1), max(width, 1)
-    aspect_ratio = width / height
-    if width >= height and width > MAX_IMAGE_SIZE:
-        width = MAX_IMAGE_SIZE
-        height = int(width / aspect_ratio)
-    elif height > width and height > MAX_IMAGE_SIZE:
-        height = MAX_IMAGE_SIZE
-        width = int(height * aspect_ratio)
+    height, width = _shrink_longest_side(height, width, MAX_IMAGE_SIZE)
     return max(height, 1), max(width, 1)
 
 
