@@ -53,3 +53,15 @@ def test_round_trip_reproduces_state_dict_exactly(pair):
     assert ref_sd.keys() == back_sd.keys()
     for key, value in ref_sd.items():
         assert torch.equal(value, back_sd[key]), key
+
+
+def test_idefics2_canvas_not_a_multiple_of_the_patch_size_matches_transformers():
+    """The Idefics2 processor pads a batch to its largest image (e.g. 980x735, not a multiple of 14);
+    transformers drops the partial edge patches, the model here masks them: same logits."""
+    hf_model = tiny_idefics2()
+    model = from_transformers(hf_model).eval()
+    batch = mixed_batch(8, size=50)
+    with torch.no_grad():
+        ref, ours = hf_model(**batch).logits, model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)

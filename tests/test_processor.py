@@ -202,3 +202,16 @@ def test_encoded_images_decode_and_bad_bytes_are_clear_errors(tmp_path):
         processor(text=[prompt(1)], images=[b""])
     with pytest.raises(ValueError, match="not a readable image"):
         processor(text=[prompt(1)], images=[b"\x89PNG\r\n\x1a\n" + b"garbage" * 10])
+
+
+def test_small_images_without_upscaling_still_give_full_tiles_to_the_model():
+    tokenizer = load_tiny_tokenizer()
+    config = get_preset("idefics3-tiny")
+    model = VisionLanguageModel(config, tokenizer=tokenizer).eval()
+    image_processor = ImageProcessor("idefics3", tile_size=32, longest_edge=64, upscale_small_images=False)
+    processor = VLMProcessor(tokenizer, image_processor, image_seq_len=4)
+    images = [[make_image(20, 13)], [make_image(50, 40)]]
+    batch = processor(text=[prompt(1), prompt(1)], images=images)
+    assert batch["pixel_values"].shape[-2:] == (32, 32)
+    assert batch["pixel_attention_mask"][0, 13:].sum() == 0  # the small image's padding is masked
+    assert torch.isfinite(model(**batch).logits).all()

@@ -45,6 +45,19 @@ class CrossAttentionMedia:
     media_image_index: Tensor
 
 
+def document_attention_mask(document_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive (batch, 1, seq, seq) mask: token i attends to token j <= i of its own document.
+
+    Padding (document 0) only attends to padding, so no row is fully masked. Used as is by the
+    language model's eager and sdpa attention (transformers passes 4-D masks through unchanged).
+    """
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    allowed = causal & (document_ids[:, :, None] == document_ids[:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 class VisionLanguageModel(nn.Module):
     """An Idefics2/Idefics3-style VLM; one config value picks its fusion (autoregressive or cross-attn)."""
 
@@ -81,7 +94,11 @@ class VisionLanguageModel(nn.Module):
 
         ``pixel_values`` is (batch, images, 3, H, W), where all-zero images are padding and are
         dropped (as transformers does), or a flat (n_images, 3, H, W) of real images;
-        ``pixel_attention_mask`` has the same leading dims and (H, W), 1 on real pixels.
+        ``pixel_attention_mask`` has the same leading dims and (H, W), 1 on real pixels. With a
+        mask, a canvas that is not a multiple of the patch size is padded up to one (the mask
+        declares the padding): transformers' Idefics2 processor makes such canvases (e.g. 980x735)
+        and its model drops the partial edge patches, which the ``all`` patch rule masks out here,
+        with the same result. Without a mask such a size is an error.
         """
         if pixel_values.dim() == 5:
             flat = pixel_values.flatten(0, 1)
@@ -96,6 +113,10 @@ class VisionLanguageModel(nn.Module):
             )
         pixel_values = pixel_values.to(self.vision_tower_dtype)
         patch = self.vision_tower.patch_size
+        pad_h, pad_w = -pixel_values.shape[-2] % patch, -pixel_values.shape[-1] % patch
+        if pixel_attention_mask is not None and (pad_h or pad_w):
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+            pixel_attention_mask = F.pad(pixel_attention_mask, (0, pad_w, 0, pad_h))
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         patch_mask = None
         if pixel_attention_mask is not None:
@@ -214,17 +235,22 @@ class VisionLanguageModel(nn.Module):
         image_features: Tensor | None = None,
         tiles_per_sample: Tensor | None = None,
         tiles_per_image: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> VLMOutput:
         """Logits for every position and, given ``labels`` (-100 = ignored), the mean next-token loss.
 
         ``image_features`` (from ``encode_images``) may replace ``pixel_values``. With the
         processor's flat layout, ``tiles_per_sample`` checks each row's image tokens and
         ``tiles_per_image`` groups the tiles of each image for cross-attention (default: one
-        tile per image).
+        tile per image). ``document_ids`` (batch, seq; 0 = padding) marks packed rows
+        (``datamodules.packing``): attention is then causal within each document only and
+        ``attention_mask`` is replaced by that block-diagonal mask (pass per-document ``position_ids``).
         """
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, pixel_attention_mask)
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
+        if document_ids is not None:
+            attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
         out = self._language_forward(
             inputs_embeds, input_ids, media, None, attention_mask=attention_mask, position_ids=position_ids
         )

@@ -62,4 +62,7 @@ def iter_samples(source: str, urls: str | Sequence[str], **options) -> SampleStr
     return SampleStream(source, expand_urls(urls), options)
 
 
+# Importing the reader modules registers them in READERS.
+from datamodules.sources import conversations, laion_coco, obelics, pdf_documents, rendered_text  # noqa: E402, F401
+
 __all__ = ["READERS", "RecordStats", "Sample", "SampleStream", "expand_urls", "iter_samples", "register"]

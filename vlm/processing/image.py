@@ -247,6 +247,10 @@ class ImageProcessor:
         jobs = [(image, plan) for sample, plans_ in zip(images, plans) for image, plan in zip(sample, plans_)]
         shapes = [piece.tile_shape for _, plan in jobs for piece in plan.pieces]
         height, width = max((h for h, _ in shapes), default=0), max((w for _, w in shapes), default=0)
+        if self.recipe == "idefics3" and shapes:
+            # Every Idefics3 tile yields the model's fixed token count only at the full tile size
+            # (pixel shuffle of a tile_size grid); smaller tiles (upscale_small_images=False) are padded.
+            height, width = max(height, self.tile_size), max(width, self.tile_size)
         counts = [plan.layout.n_tiles for _, plan in jobs]
         pixel_values = torch.empty(sum(counts), 3, height, width)
         mask = torch.zeros(sum(counts), height, width, dtype=torch.bool)

@@ -1,0 +1,43 @@
+"""Reader of RenderedText (``wendlerc/RenderedText``, ``"rendered_text"``): photos of rendered handwriting.
+
+Webdataset tars of ``{key}.png`` + ``{key}.json`` (DATA_FORMATS §6); the transcription is
+``json["ocr_annotation"]["text"]``, a list of lines, joined with ``"\\n"`` as m4 did.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from datamodules.sample import Sample
+from datamodules.sources.base import RecordStats, register
+from datamodules.sources.records import iter_tar_groups
+from vlm.processing.image import load_image
+
+
+@register("rendered_text")
+def read_rendered_text(shard: str, stats: RecordStats) -> Iterator[Sample]:
+    """Stream a RenderedText tar: ``content = [image, transcription]``; records without text are dropped
+    (``filtered:empty_text``)."""
+    for key, members in iter_tar_groups(shard, stats):
+        if not {"png", "json"} <= members.keys():
+            stats.skip("missing_members")
+            continue
+        try:
+            lines = json.loads(members["json"])["ocr_annotation"]["text"]
+            if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+                raise TypeError("ocr_annotation.text is not a list of strings")
+        except (ValueError, KeyError, TypeError):
+            stats.skip("invalid_json")
+            continue
+        text = "\n".join(lines).strip()
+        if not text:
+            stats.skip("filtered:empty_text")
+            continue
+        try:
+            image = load_image(members["png"])
+        except ValueError:
+            stats.skip("corrupt_image")
+            continue
+        stats.ok()
+        yield Sample(source="rendered_text", key=f"{shard}#{key}", content=[image, text])
