@@ -181,13 +181,14 @@ class ShardedSampleStream(ResumableStream):
                 yield sample
 
     def _check_bad_rate(self, stats: RecordStats) -> None:
-        skipped = stats.skipped.total()
-        total = stats.read + skipped
+        # Drops by the configured filters (``filtered:<name>``) are wanted, not bad records.
+        bad = sum(n for reason, n in stats.skipped.items() if not reason.startswith("filtered:"))
+        total = stats.read + bad
         if self.max_bad_record_rate is None or total < self.min_records:
             return
-        if skipped / total > self.max_bad_record_rate:
+        if bad / total > self.max_bad_record_rate:
             raise RuntimeError(
-                f"Source {self.source!r}: {skipped} of {total} records skipped ({skipped / total:.1%}), "
+                f"Source {self.source!r}: {bad} of {total} records were bad ({bad / total:.1%}), "
                 f"above max_bad_record_rate={self.max_bad_record_rate}; skipped by reason: "
                 f"{dict(stats.skipped)} (read {stats.read})."
             )

@@ -143,3 +143,21 @@ def test_bad_record_rate_threshold_raises_with_counts(tmp_path):
     strict = ShardedSampleStream("fake", urls, max_bad_record_rate=0.1, min_records=10)
     with pytest.raises(RuntimeError, match=r"Source 'fake'.*max_bad_record_rate=0.1.*'invalid_json': \d+"):
         list(strict)
+
+
+@register("fake_filtered")
+def read_fake_filtered(shard: str, stats):
+    """Like ``fake``, but its bad lines are records a configured filter drops (``filtered:...``)."""
+    for line in Path(shard).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("bad"):
+            stats.skip("filtered:nsfw")
+            continue
+        yield Sample(source="fake_filtered", key=f"{shard}#{record['key']}", content=[record["key"]])
+
+
+def test_filter_drops_do_not_count_as_bad_records(tmp_path):
+    urls = write_shards(tmp_path, 2, bad_per_shard=10)  # 40% dropped, all by a filter
+    stream = ShardedSampleStream("fake_filtered", urls, max_bad_record_rate=0.01, min_records=5)
+    assert len(list(stream)) == 2 * 15
+    assert stream.stats.skipped == {"filtered:nsfw": 20}
