@@ -193,16 +193,18 @@ def packing_efficiency(batch: dict) -> float:
 class PackedStream(ResumableStream):
     """Packed rows (lists of ``Document``) from a stream of samples, for ``collate_rows``.
 
-    ``encode`` turns a ``Sample`` into a ``Document`` (the processor step); documents longer than
-    the sample's ``meta["max_seq_len"]`` (set by ``MixtureStream``; at most ``max_seq_len``) are
-    split. Every ``buffer_size`` documents are packed by best-fit decreasing; rows filled below
-    ``min_fill`` give their documents back to the next buffer (all rows are flushed at the end).
+    ``encode`` turns a ``Sample`` into a ``Document`` (the processor step), or ``None`` for a sample
+    it skips (counted in its own ``encode_stats``, reported by ``record_stats``); documents longer
+    than the sample's ``meta["max_seq_len"]`` (set by ``MixtureStream``; at most ``max_seq_len``)
+    are split, and a document with a window over ``max_tiles`` is dropped (``too_many_tiles``).
+    Every ``buffer_size`` documents are packed by best-fit decreasing; rows filled below ``min_fill``
+    give their documents back to the next buffer (all rows are flushed at the end).
     """
 
     def __init__(
         self,
         samples: ResumableStream,
-        encode: Callable[[Sample], Document],
+        encode: Callable[[Sample], Document | None],
         max_seq_len: int,
         image_token_id: int,
         placeholder_ids: Sequence[int],
@@ -210,13 +212,14 @@ class PackedStream(ResumableStream):
         max_tiles: int | None = None,
         buffer_size: int = 256,
         min_fill: float = 0.98,
+        encode_stats: RecordStats | None = None,
     ) -> None:
         super().__init__(samples.rank, samples.world_size)
         self.samples, self.encode = samples, encode
         self.max_seq_len, self.max_tiles = max_seq_len, max_tiles
         self.image_token_id, self.placeholder_ids = image_token_id, list(placeholder_ids)
         self.buffer_size, self.min_fill = buffer_size, min_fill
-        self.stats = RecordStats()
+        self.stats, self.encode_stats = RecordStats(), encode_stats
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -229,10 +232,16 @@ class PackedStream(ResumableStream):
     def iter_epoch(self, epoch: int) -> Iterator[list[Document]]:
         buffer: list[Document] = []
         for sample in self.samples.iter_epoch(epoch):
+            doc = self.encode(sample)
+            if doc is None:
+                continue
             max_len = min(sample.meta.get("max_seq_len") or self.max_seq_len, self.max_seq_len)
-            windows = split_document(self.encode(sample), max_len, self.image_token_id, self.placeholder_ids)
+            windows = split_document(doc, max_len, self.image_token_id, self.placeholder_ids)
             if windows is None:
                 self.stats.skip("too_long_image_span")
+                continue
+            if self.max_tiles is not None and any(w.n_tiles > self.max_tiles for w in windows):
+                self.stats.skip("too_many_tiles")
                 continue
             self.stats.ok()
             buffer += windows
@@ -244,7 +253,8 @@ class PackedStream(ResumableStream):
         yield from pack(buffer, self.max_seq_len, self.max_tiles)
 
     def record_stats(self) -> dict[str, RecordStats]:
-        return {**self.samples.record_stats(), "packing": self.stats}
+        encoding = {} if self.encode_stats is None else {"encoding": self.encode_stats}
+        return {**self.samples.record_stats(), **encoding, "packing": self.stats}
 
     def fingerprint(self) -> dict[str, Any]:
         settings = [self.max_seq_len, self.max_tiles, self.buffer_size, self.min_fill]

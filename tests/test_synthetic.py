@@ -11,7 +11,8 @@ from datamodules.synthetic import WRITERS, write_shards
 
 
 def test_every_reader_has_a_writer():
-    assert set(WRITERS) == set(READERS)
+    built_in = {name for name, reader in READERS.items() if reader.__module__.startswith("datamodules.")}
+    assert set(WRITERS) == built_in  # (tests register fake readers of their own)
 
 
 @pytest.mark.parametrize("source", sorted(WRITERS))

@@ -1,0 +1,224 @@
+"""``VLMDataModule``: a YAML-configurable LightningDataModule, shards -> mixture -> encode -> pack -> batches.
+
+Training data is an endless weighted mixture (``MixtureStream``; train length is set in steps),
+encoded by ``SampleEncoder`` and packed into rows of ``max_seq_len`` tokens and at most
+``max_tiles_per_row`` tiles (``PackedStream``), served by a ``ResumableLoader`` whose state
+Lightning stores in every checkpoint: ``fit(ckpt_path=...)`` continues with exactly the batches
+the interrupted run would have seen (same world size, ``num_workers`` and ``batch_size``). The
+DataModule's own ``state_dict`` keeps what callbacks changed (mixture weights, maximum
+resolution), restored before the loader is built. Validation data (``val_sources``) is read once,
+in order, per validation run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from functools import cached_property, partial
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from datamodules.encoding import Mode, SampleEncoder
+from datamodules.mixture import MixtureConfig, SourceConfig
+from datamodules.packing import PackedStream, collate_rows
+from datamodules.sample import Sample
+from datamodules.sources.base import RecordStats
+from datamodules.streaming import ResumableLoader, ResumableStream, ShardedSampleStream
+from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing.text import Fusion, image_placeholder_token_ids
+
+
+def expand_env(source: dict[str, Any]) -> dict[str, Any]:
+    """The source with environment variables (``${DATA_ROOT}``) expanded in its ``urls``: jsonargparse
+    and LightningCLI leave them as written."""
+    urls = source["urls"]
+    expanded = os.path.expandvars(urls) if isinstance(urls, str) else [os.path.expandvars(u) for u in urls]
+    return {**source, "urls": expanded}
+
+
+class SequentialStream(ResumableStream):
+    """Every sample of the given sources once, source after source (validation), with their
+    ``max_seq_len`` / ``max_image_resolution`` in ``meta`` as ``MixtureStream`` sets them."""
+
+    def __init__(self, sources: Sequence[SourceConfig], streams: Sequence[ShardedSampleStream]) -> None:
+        super().__init__()
+        self.sources, self.streams = list(sources), list(streams)
+
+    def iter_epoch(self, epoch: int) -> Iterator[Sample]:
+        for config, stream in zip(self.sources, self.streams):
+            for sample in stream.iter_epoch(epoch):
+                limits = {
+                    "max_seq_len": config.max_seq_len,
+                    "max_image_resolution": config.max_image_resolution,
+                }
+                yield dataclasses.replace(sample, meta={**sample.meta, **limits})
+
+    def record_stats(self) -> dict[str, RecordStats]:
+        return {stream.source: stream.stats for stream in self.streams}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"streams": [stream.fingerprint() for stream in self.streams]}
+
+
+class VLMDataModule(LightningDataModule):
+    """Packed, resumable VLM batches from a mixture of sources (``SourceConfig`` dicts, as in YAML).
+
+    - ``sources``: ``{source, urls, weight, max_seq_len, max_image_resolution, options}`` items;
+      ``${VAR}`` in ``urls`` is expanded from the environment.
+    - ``tokenizer``: ``"tiny"`` (the offline test tokenizer) or a local path / hub name.
+    - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
+      ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
+      ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``.
+    - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
+      ``None`` (conversation sources ``sft``, the others ``pretraining``).
+    - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
+    """
+
+    def __init__(
+        self,
+        sources: list[dict[str, Any]],
+        tokenizer: str = "tiny",
+        recipe: Literal["idefics2", "idefics3"] = "idefics2",
+        image_seq_len: int = 64,
+        fusion: Fusion = "autoregressive",
+        image_processor: dict[str, Any] | None = None,
+        mode: Mode | dict[str, Mode] | None = None,
+        shuffle_turns: bool = False,
+        batch_size: int = 1,
+        max_seq_len: int = 2048,
+        max_tiles_per_row: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_bad_record_rate: float | None = 0.05,
+        pack_buffer_size: int = 256,
+        min_fill: float = 0.98,
+        val_sources: list[dict[str, Any]] | None = None,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.mixture = MixtureConfig(
+            [expand_env(s) for s in sources], seed, shuffle_buffer, max_bad_record_rate
+        )
+        self.val_sources = [SourceConfig(**expand_env(s)) for s in val_sources or []]
+        self.tokenizer_name, self.recipe, self.image_seq_len, self.fusion = (
+            tokenizer,
+            recipe,
+            image_seq_len,
+            fusion,
+        )
+        self.image_processor_options = dict(image_processor or {})
+        self.mode, self.shuffle_turns = mode, shuffle_turns
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.max_seq_len, self.max_tiles_per_row = max_seq_len, max_tiles_per_row
+        self.num_workers, self.seed = num_workers, seed
+        self.pack_buffer_size, self.min_fill = pack_buffer_size, min_fill
+        self.mixture_weights: list[float] | None = None  # set by set_mixture_weights (stage transitions)
+        self.max_resolution: int | None = None  # set by set_max_resolution (resolution ramp-up)
+        self._train_loader: ResumableLoader | None = None
+
+    @cached_property
+    def processor(self) -> VLMProcessor:
+        """The ``VLMProcessor`` built from the settings (tokenizer loaded on first use)."""
+        if self.tokenizer_name == "tiny":
+            tokenizer = load_tiny_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        options = {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
+        image_processor = ImageProcessor(self.recipe, **options)
+        return VLMProcessor(tokenizer, image_processor, self.image_seq_len, fusion=self.fusion)
+
+    def train_dataloader(self) -> ResumableLoader:
+        mixture = self.mixture.build()
+        if self.mixture_weights is not None:
+            mixture.set_weights(self.mixture_weights)
+        self._train_loader = ResumableLoader(
+            self._packed(mixture, training=True),
+            batch_size=self.batch_size,
+            collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
+            prefetched=1,  # Lightning's training loop fetches one batch ahead
+            num_workers=self.num_workers,
+        )
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        streams = [
+            ShardedSampleStream(s.source, s.urls, s.options, seed=self.seed, shuffle_shards=False)
+            for s in self.val_sources
+        ]
+        return DataLoader(
+            self._packed(SequentialStream(self.val_sources, streams), training=False),
+            batch_size=self.val_batch_size,
+            collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def _packed(self, samples: ResumableStream, training: bool) -> PackedStream:
+        encoder = SampleEncoder(
+            self.processor,
+            modes=self._modes(),
+            training=training,
+            shuffle_turns=self.shuffle_turns,
+            seed=self.seed,
+        )
+        if self.max_resolution is not None:
+            encoder.set_max_resolution(self.max_resolution)
+        return PackedStream(
+            samples,
+            encoder,
+            self.max_seq_len,
+            self.processor.image_token_id,
+            image_placeholder_token_ids(self.processor.tokenizer),
+            max_tiles=self.max_tiles_per_row,
+            buffer_size=self.pack_buffer_size,
+            min_fill=self.min_fill,
+            encode_stats=encoder.stats,
+        )
+
+    def _modes(self) -> dict[str, Mode]:
+        if isinstance(self.mode, dict):
+            return dict(self.mode)
+        sources = {s.source for s in [*self.mixture.sources, *self.val_sources]}
+        return {} if self.mode is None else dict.fromkeys(sources, self.mode)
+
+    # --- hooks for callbacks (stage transitions, resolution ramp-up) -------------------------
+
+    def set_mixture_weights(self, weights: Sequence[float] | dict[str, float]) -> None:
+        """New source weights (a list in ``sources`` order, or ``{source: weight}``).
+
+        The data position restarts (a new stage); the change reaches the batches when the train
+        loader is iterated again (the calling callback must make the trainer re-iterate it).
+        """
+        if isinstance(weights, dict):
+            weights = [weights.get(s.source, 0.0) for s in self.mixture.sources]
+        self.mixture_weights = list(weights)
+        if self._train_loader is not None:
+            self._train_loader.dataset.samples.set_weights(self.mixture_weights)
+            self._train_loader.set_epoch(self._train_loader.dataset.epoch)
+
+    def set_max_resolution(self, longest_edge: int) -> None:
+        """New maximum image resolution (``longest_edge``); per-source ``max_image_resolution`` still caps it.
+
+        With ``num_workers=0`` it applies to the next sample encoded; with workers, from the next
+        iteration of the loader.
+        """
+        self.max_resolution = longest_edge
+        if self._train_loader is not None:
+            self._train_loader.dataset.encode.set_max_resolution(longest_edge)
+
+    def record_stats(self) -> dict[str, RecordStats]:
+        """Records read and skipped (by reason) per source, plus ``encoding`` and ``packing`` skips."""
+        return {} if self._train_loader is None else self._train_loader.record_stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixture_weights": self.mixture_weights, "max_resolution": self.max_resolution}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.mixture_weights = state_dict.get("mixture_weights")
+        self.max_resolution = state_dict.get("max_resolution")
