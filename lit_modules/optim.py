@@ -1,0 +1,88 @@
+"""AdamW parameter groups (weight decay and learning rate per component) and warmup + decay schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+from torch import nn
+
+Schedule = Literal["cosine", "linear", "constant"]
+
+# Parameters that take no weight decay besides the 1-D ones (norms, biases, gates, DoRA
+# magnitudes): learned queries and embedding tables (decaying them shrinks rarely-seen rows).
+_NO_DECAY_NAMES = ("latents", "queries")
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters that take no weight decay: 1-D parameters (norm weights, biases,
+    tanh gates, DoRA magnitudes), embedding tables and perceiver latents / mapping-network queries."""
+    names = {name for name, param in model.named_parameters() if param.dim() < 2}
+    names |= {name for name in dict(model.named_parameters()) if name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            names |= {
+                f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters()
+            }
+    return names
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, lr_multipliers: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups of the trainable parameters, one per (top-level component, decay or not).
+
+    ``lr_multipliers`` scales the learning rate of a component (``{"vision_tower": 0.1}``); the
+    groups carry ``name`` (e.g. ``connector/no_decay``) for logging. Empty groups are left out.
+    """
+    lr_multipliers = dict(lr_multipliers or {})
+    components = {name.split(".", 1)[0] for name, _ in model.named_parameters()}
+    unknown = set(lr_multipliers) - components
+    if unknown:
+        raise ValueError(
+            f"lr_multipliers names {sorted(unknown)}, not components of the model {sorted(components)}."
+        )
+    skip_decay = no_weight_decay(model)
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        component = name.split(".", 1)[0]
+        decay = name not in skip_decay
+        key = f"{component}/{'decay' if decay else 'no_decay'}"
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": lr * lr_multipliers.get(component, 1.0),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def lr_lambda(
+    schedule: Schedule, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at each step, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Linear warmup over ``warmup_steps`` (step ``i`` at ``(i + 1) / (warmup_steps + 1)``: no step is
+    spent at a learning rate of 0), then ``cosine`` or ``linear`` decay to
+    ``min_lr_ratio`` at ``max_steps`` (held there after), or ``constant``.
+    """
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"Unknown schedule {schedule!r}; choose 'cosine', 'linear' or 'constant'.")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+    return multiplier

@@ -1,0 +1,146 @@
+"""What each component of a VisionLanguageModel trains: frozen, full, LoRA or DoRA (peft).
+
+Idefics2 (paper, section 3.2, Finding 3) adapts the pre-trained backbones with LoRA and fully
+trains the newly initialised parameters (connector, cross-attention): that is the default
+``TrainingPolicy``. Adapters are injected in place with ``peft.inject_adapter_in_model`` on each
+component, so the rest of the model keeps its state-dict keys (an adapted ``q_proj`` becomes
+``q_proj.base_layer`` + ``q_proj.lora_A/B``); ``merge_adapters`` folds them back into plain layers
+(at a stage boundary, or before export).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers.pytorch_utils import Conv1D
+
+from vlm.model import VisionLanguageModel
+
+Mode = Literal["frozen", "full", "lora", "dora"]
+COMPONENTS = ("vision_tower", "connector", "language_model", "cross_attention")
+BACKBONES = ("vision_tower", "language_model")
+
+# A module inside a repeated block (SigLIP/Llama `layers.3.`, timm `blocks.3.`, open_clip
+# `resblocks.3.`, GPT-2 `h.3.`): the attention / MLP linear layers of a backbone. It excludes patch
+# embeddings (a Conv2d named `proj` in timm), position embeddings, heads and `lm_head`.
+_IN_BLOCK = re.compile(r"(^|\.)(layers|blocks|resblocks|h)\.\d+\.")
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class TrainingPolicy:
+    """Per-component training mode and the LoRA/DoRA hyper-parameters.
+
+    Defaults follow Idefics2: LoRA on the backbones, full training of the new parameters;
+    ``r=8``, ``alpha=8``, ``dropout=0.1`` as the Idefics2 fine-tuning recipe published with the
+    model. ``train_new_token_embeddings``: when the language model is not fully trained, still
+    train the embedding and output rows of the recipe's special tokens (``<image>``,
+    ``<end_of_utterance>``...), which a frozen or LoRA-adapted vocabulary cannot learn otherwise.
+    """
+
+    vision_tower: Mode = "lora"
+    connector: Mode = "full"
+    language_model: Mode = "lora"
+    cross_attention: Mode = "full"
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.1
+    train_new_token_embeddings: bool = False
+
+    def mode(self, component: str) -> Mode:
+        return getattr(self, component)
+
+
+def lora_targets(component: nn.Module, backbone: bool) -> list[str]:
+    """Names (relative to ``component``) of the linear layers LoRA adapts.
+
+    In a backbone, the linear layers of its repeated blocks (attention and MLP projections); in a
+    new component (connector, cross-attention), every linear layer.
+    """
+    return [
+        name
+        for name, module in component.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and (not backbone or _IN_BLOCK.search(name))
+    ]
+
+
+def target_regex(names: list[str]) -> str:
+    """A peft ``target_modules`` regex for ``names`` with their block indices generalised
+    (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``): one pattern per layer kind, short at full scale."""
+    patterns = {re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(name)) for name in names}
+    return "|".join(sorted(patterns))
+
+
+def _inject(component: nn.Module, mode: Mode, policy: TrainingPolicy, backbone: bool) -> None:
+    targets = lora_targets(component, backbone)
+    if not targets:
+        raise ValueError(f"{type(component).__name__} has no linear layer for {mode}.")
+    config = LoraConfig(
+        r=policy.lora_r,
+        lora_alpha=policy.lora_alpha,
+        lora_dropout=policy.lora_dropout,
+        use_dora=mode == "dora",
+        target_modules=target_regex(targets),
+    )
+    inject_adapter_in_model(config, component, adapter_name=ADAPTER_NAME)
+
+
+def _train_rows(weight: nn.Parameter, rows: list[int]) -> RemovableHandle:
+    """Train only ``rows`` of an embedding matrix: the gradient of the other rows is zeroed."""
+    mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    mask[rows] = True
+    weight.requires_grad_(True)
+    return weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+
+
+def apply_policy(model: VisionLanguageModel, policy: TrainingPolicy) -> list[RemovableHandle]:
+    """Freeze, fully train or attach LoRA/DoRA adapters to each component, in place.
+
+    Call on a model without adapters (``merge_adapters`` first when switching policies).
+    Components the model lacks (``cross_attention`` with autoregressive fusion) are skipped.
+    Returns the gradient hooks of ``train_new_token_embeddings`` (remove them before the next policy).
+    """
+    hooks = []
+    for name in COMPONENTS:
+        component = getattr(model, name, None)
+        if component is None:
+            continue
+        mode = policy.mode(name)
+        if mode in ("lora", "dora"):
+            _inject(component, mode, policy, name in BACKBONES)
+        for param_name, param in component.named_parameters():
+            adapter = "lora_" in param_name
+            param.requires_grad_(mode == "full" or (mode in ("lora", "dora") and adapter))
+    if policy.train_new_token_embeddings and policy.language_model != "full":
+        rows = sorted(set(model.special_token_ids.values()))
+        lm = model.language_model
+        weights = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}
+        hooks = [_train_rows(weight, rows) for weight in weights.values()]  # tied weights: one hook
+    return hooks
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> int:
+    """Merge every LoRA/DoRA adapter into its base layer and put the plain layer back; returns
+    how many layers were merged. The model's outputs are unchanged and its keys are the
+    adapter-free ones again (``q_proj.weight``)."""
+    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in adapted:
+        module.merge(safe_merge=True)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for module in model.modules():
+        if hasattr(module, "peft_config"):  # set by inject_adapter_in_model on each adapted component
+            del module.peft_config
+    return len(adapted)
