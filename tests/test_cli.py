@@ -160,29 +160,23 @@ def test_bad_config_names_the_key(hook_installed, tmp_path, trainer, extra, name
     assert not (tmp_path / "marker.json").exists()
 
 
+def _two_step_fit(config: Path, root: Path) -> list[str]:
+    """``fit`` arguments for a quiet 2-step CPU run of ``config`` in ``root``."""
+    trainer = {
+        "max_steps": "2",
+        "accelerator": "cpu",
+        "logger": "false",
+        "enable_checkpointing": "false",
+        "enable_progress_bar": "false",
+        "default_root_dir": str(root),
+    }
+    return ["fit", "--config", str(config), *(a for k, v in trainer.items() for a in (f"--trainer.{k}", v))]
+
+
 def test_fit_trains(hook_installed, tmp_path):
     marker = tmp_path / "marker.json"
     config = _write_config(tmp_path / "c.yaml", marker)
-    result = _lightning(
-        [
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.max_steps",
-            "2",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-        ],
-        tmp_path,
-    )
+    result = _lightning(_two_step_fit(config, tmp_path / "run"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     done = json.loads(marker.read_text())
     assert done["global_step"] == 2 and len(done["losses"]) == 2
@@ -195,31 +189,8 @@ def test_fit_ddp_relaunch(hook_installed, tmp_path):
     """strategy=ddp re-launches ``python -m lightning.__main__ ...``: the hook must serve the children too."""
     marker = tmp_path / "marker.json"
     config = _write_config(tmp_path / "c.yaml", marker)
-    result = _lightning(
-        [
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.max_steps",
-            "2",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-        ],
-        tmp_path,
-        timeout=300,
-    )
+    args = [*_two_step_fit(config, tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    result = _lightning(args, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(marker.read_text())["global_step"] == 2
 
