@@ -33,7 +33,7 @@ class TinyModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def on_train_end(self):
-        if self.hparams.marker_path:
+        if self.hparams.marker_path and self.trainer.is_global_zero:  # one writer under DDP
             marker = {
                 "global_step": self.trainer.global_step,
                 "losses": self.losses,
