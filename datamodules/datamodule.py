@@ -7,19 +7,24 @@ Lightning stores in every checkpoint: ``fit(ckpt_path=...)`` continues with exac
 the interrupted run would have seen (same world size, ``num_workers`` and ``batch_size``). The
 DataModule's own ``state_dict`` keeps what callbacks changed (mixture weights, maximum
 resolution), restored before the loader is built. Validation data (``val_sources``) is read once,
-in order, per validation run.
+in order, per validation run: packed like training (``val/loss``) or, with ``val_generate``, as
+one prompt per question of each conversation (``val/acc``, see ``GenerationValDataset``).
+``synthetic`` / ``val_synthetic`` write miniature shards (``datamodules.synthetic.write_shards``)
+under ``data_root`` in ``prepare_data`` when they are absent (the CPU demo).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from collections.abc import Iterator, Sequence
 from functools import cached_property, partial
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer
 
 from datamodules.encoding import Mode, SampleEncoder
@@ -28,8 +33,14 @@ from datamodules.packing import PackedStream, collate_rows
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats
 from datamodules.streaming import ResumableLoader, ResumableStream, ShardedSampleStream
+from datamodules.synthetic import write_shards
+from vlm.config import IMAGE_TOKEN
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
-from vlm.processing.text import Fusion, image_placeholder_token_ids
+from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
+
+#: Seed offset of ``val_synthetic`` shards: validation records come from another random stream than
+#: the training ones (``synthetic``, written with ``seed``), so they are held out.
+VAL_SEED_OFFSET = 1_000_003
 
 
 def expand_env(source: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +75,87 @@ class SequentialStream(ResumableStream):
         return {"streams": [stream.fingerprint() for stream in self.streams]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One held-out question: the sample's images, the question (``<image>`` placeholders included)
+    and its reference answer."""
+
+    key: str
+    images: list
+    question: str
+    answer: str
+    max_image_resolution: int | None = None
+
+
+def questions_of(sample: Sample, max_questions: int | None = None) -> list[Question]:
+    """Each (question, answer) turn of a conversation sample as a stand-alone ``Question``.
+
+    The prompt is the images and that one question only (no earlier turns: an earlier question such
+    as "How many circles...?" would give away the answer to "What shape is drawn?"). The images go
+    before the question unless the question places them with ``<image>`` (as ``SampleEncoder``).
+    """
+    images = sample.images
+    placed = any(IMAGE_TOKEN in user for user, _ in sample.turns)
+    out = []
+    for index, (user, answer) in enumerate(sample.turns[:max_questions]):
+        if images and not placed:
+            user = IMAGE_TOKEN * len(images) + user
+        elif placed and user.count(IMAGE_TOKEN) != len(images):
+            continue  # images placed in another turn: this question alone does not show them
+        resolution = sample.meta.get("max_image_resolution")
+        out.append(Question(f"{sample.key}#{index}", images, user, answer, resolution))
+    return out
+
+
+class GenerationValDataset(Dataset):
+    """Held-out questions (``questions_of`` every sample of the validation stream, read once)."""
+
+    def __init__(self, samples: ResumableStream, max_questions_per_sample: int | None = None) -> None:
+        self.samples = samples
+        self.max_questions_per_sample = max_questions_per_sample
+
+    @cached_property
+    def questions(self) -> list[Question]:
+        return [q for s in self.samples.iter_epoch(0) for q in questions_of(s, self.max_questions_per_sample)]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> Question:
+        return self.questions[index]
+
+
+def collate_questions(questions: list[Question], processor: VLMProcessor) -> dict[str, Any]:
+    """A generation batch: ``answers`` and the left-padded chat prompts up to ``Assistant:`` as
+    ``prompt_input_ids``, ``prompt_attention_mask`` and, with images, ``prompt_pixel_values``,
+    ``prompt_pixel_attention_mask``, ``prompt_tiles_per_sample``, ``prompt_tiles_per_image``
+    (what ``VLMModule.validation_step`` reads)."""
+    limits = {q.max_image_resolution for q in questions} - {None}
+    if limits and min(limits) < processor.image_processor.longest_edge:
+        image_processor = dataclasses.replace(processor.image_processor, longest_edge=min(limits))
+        processor = VLMProcessor(
+            processor.tokenizer, image_processor, processor.image_seq_len, fusion=processor.fusion
+        )
+    # Only the user message: the template then appends the generation prompt "Assistant:".
+    conversations = [turns_to_messages([(q.question, "")])[:1] for q in questions]
+    images = [q.images for q in questions] if any(q.images for q in questions) else None
+    out = processor.encode_conversations(
+        conversations, images, add_generation_prompt=True, padding_side="left"
+    )
+    batch: dict[str, Any] = {"answers": [q.answer for q in questions]}
+    for key in (
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "pixel_attention_mask",
+        "tiles_per_sample",
+        "tiles_per_image",
+    ):
+        if key in out:
+            batch[f"prompt_{key}"] = out[key]
+    return batch
+
+
 class VLMDataModule(LightningDataModule):
     """Packed, resumable VLM batches from a mixture of sources (``SourceConfig`` dicts, as in YAML).
 
@@ -72,10 +164,19 @@ class VLMDataModule(LightningDataModule):
     - ``tokenizer``: ``"tiny"`` (the offline test tokenizer) or a local path / hub name.
     - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
       ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
-      ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``.
+      ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``;
+      ``fusion=None`` takes the fusion of the trainer's LightningModule (its ``config.fusion``, as
+      ``VLMModule`` has) in ``setup``, so ``--model.fusion`` alone switches both.
     - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
       ``None`` (conversation sources ``sft``, the others ``pretraining``).
     - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
+    - ``val_generate``: validation batches are generation prompts with ``answers`` (``val/acc``,
+      exact match) built from the conversations of ``val_sources``, one per question (at most
+      ``val_max_questions_per_sample`` per sample), instead of packed rows (``val/loss``).
+    - ``synthetic`` / ``val_synthetic``: ``{source: n_samples}`` miniature shards written by
+      ``prepare_data`` under ``data_root/<source>`` / ``data_root/val/<source>`` when that folder
+      is absent or empty; the validation shards use another seed (``seed + VAL_SEED_OFFSET``).
+      ``sources`` / ``val_sources`` ``urls`` must point at them.
     """
 
     def __init__(
@@ -84,7 +185,7 @@ class VLMDataModule(LightningDataModule):
         tokenizer: str = "tiny",
         recipe: Literal["idefics2", "idefics3"] = "idefics2",
         image_seq_len: int = 64,
-        fusion: Fusion = "autoregressive",
+        fusion: Fusion | None = "autoregressive",
         image_processor: dict[str, Any] | None = None,
         mode: Mode | dict[str, Mode] | None = None,
         shuffle_turns: bool = False,
@@ -99,8 +200,18 @@ class VLMDataModule(LightningDataModule):
         min_fill: float = 0.98,
         val_sources: list[dict[str, Any]] | None = None,
         val_batch_size: int | None = None,
+        val_generate: bool = False,
+        val_max_questions_per_sample: int | None = None,
+        data_root: str | None = None,
+        synthetic: dict[str, int] | None = None,
+        val_synthetic: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
+        if (synthetic or val_synthetic) and data_root is None:
+            raise ValueError("synthetic / val_synthetic need data_root (where the shards are written).")
+        self.data_root = None if data_root is None else os.path.expandvars(data_root)
+        self.synthetic, self.val_synthetic = dict(synthetic or {}), dict(val_synthetic or {})
+        self.val_generate, self.val_max_questions_per_sample = val_generate, val_max_questions_per_sample
         self.mixture = MixtureConfig(
             [expand_env(s) for s in sources], seed, shuffle_buffer, max_bad_record_rate
         )
@@ -130,7 +241,34 @@ class VLMDataModule(LightningDataModule):
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         options = {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
         image_processor = ImageProcessor(self.recipe, **options)
-        return VLMProcessor(tokenizer, image_processor, self.image_seq_len, fusion=self.fusion)
+        fusion = self.fusion or "autoregressive"
+        return VLMProcessor(tokenizer, image_processor, self.image_seq_len, fusion=fusion)
+
+    def setup(self, stage: str) -> None:
+        """With ``fusion=None``, adopt the LightningModule's fusion (before the processor is built)."""
+        if self.fusion is None and self.trainer is not None:
+            config = getattr(self.trainer.lightning_module, "config", None)
+            fusion = getattr(config, "fusion", None)
+            if fusion is not None:
+                self.fusion = fusion
+
+    def prepare_data(self) -> None:
+        """Write the ``synthetic`` / ``val_synthetic`` shards that are absent (once per node)."""
+        if self.data_root is None:
+            return
+        root = Path(self.data_root)
+        for folder, counts, seed in (
+            (root, self.synthetic, self.seed),
+            (root / "val", self.val_synthetic, self.seed + VAL_SEED_OFFSET),
+        ):
+            for source, n_samples in counts.items():
+                out_dir = folder / source
+                if out_dir.is_dir() and any(out_dir.iterdir()):
+                    continue
+                tmp_dir = folder / f".{source}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+                write_shards(source, tmp_dir, n_samples, seed=seed)
+                os.replace(tmp_dir, out_dir)  # atomic: an interrupted write leaves no half-written folder
+                print(f"Wrote {n_samples} synthetic {source} samples to {out_dir}")
 
     def train_dataloader(self) -> ResumableLoader:
         mixture = self.mixture.build()
@@ -152,6 +290,15 @@ class VLMDataModule(LightningDataModule):
             ShardedSampleStream(s.source, s.urls, s.options, seed=self.seed, shuffle_shards=False)
             for s in self.val_sources
         ]
+        if self.val_generate:
+            return DataLoader(
+                GenerationValDataset(
+                    SequentialStream(self.val_sources, streams), self.val_max_questions_per_sample
+                ),
+                batch_size=self.val_batch_size,
+                collate_fn=partial(collate_questions, processor=self.processor),
+                num_workers=0,  # the questions are read once, in the main process
+            )
         return DataLoader(
             self._packed(SequentialStream(self.val_sources, streams), training=False),
             batch_size=self.val_batch_size,
