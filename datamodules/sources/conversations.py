@@ -20,17 +20,12 @@ from PIL import Image
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats, open_shard, register
 from datamodules.sources.pdf_documents import render_pdf
-from datamodules.sources.records import iter_tar_groups
-from vlm.processing.image import load_image
+from datamodules.sources.records import BadRecord, decode_image, iter_tar_groups
 
 TEXTS_TYPE = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))
 IMAGES_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
 CONVERSATION_SCHEMA = pa.schema([("images", IMAGES_TYPE), ("texts", TEXTS_TYPE)])
 DOCMATIX_PDF_SCHEMA = pa.schema([("pdf", pa.binary()), ("texts", TEXTS_TYPE)])
-
-
-class _Skip(Exception):
-    """A bad row: its ``args[0]`` is the reason counted in ``RecordStats``."""
 
 
 def iter_parquet_rows(shard: str, schemas: list[pa.Schema]) -> Iterator[tuple[pa.Schema, int, dict]]:
@@ -58,38 +53,35 @@ def iter_parquet_rows(shard: str, schemas: list[pa.Schema]) -> Iterator[tuple[pa
 
 
 def _turns(texts: list | None, max_turn_chars: int | None) -> list[tuple[str, str]]:
-    """The (user, assistant) pairs of a ``texts`` cell; raises ``_Skip`` for null or over-long turns."""
+    """The (user, assistant) pairs of a ``texts`` cell; raises ``BadRecord`` for null or over-long turns."""
     if not texts or any(t is None or t["user"] is None or t["assistant"] is None for t in texts):
-        raise _Skip("null_row")
+        raise BadRecord("null_row")
     if max_turn_chars is not None and any(
         len(t["user"]) > max_turn_chars or len(t["assistant"]) > max_turn_chars for t in texts
     ):
-        raise _Skip("filtered:long_turn")
+        raise BadRecord("filtered:long_turn")
     return [(t["user"], t["assistant"]) for t in texts]
 
 
 def _decode(images: list[bytes | None]) -> list[Image.Image]:
-    """Decoded images; raises ``_Skip`` for a null or undecodable one."""
+    """Decoded images; raises ``BadRecord`` for a null or undecodable one."""
     if any(data is None for data in images):
-        raise _Skip("null_row")
-    try:
-        return [load_image(data) for data in images]
-    except ValueError as error:
-        raise _Skip("corrupt_image") from error
+        raise BadRecord("null_row")
+    return [decode_image(data) for data in images]
 
 
 def _row_images(schema: pa.Schema, row: dict, dpi: float, max_side: int | None) -> list[Image.Image]:
     """A parquet row's images: the ``images`` cell decoded, or the ``pdf`` cell rendered page by page."""
     if schema is DOCMATIX_PDF_SCHEMA:
         if row["pdf"] is None:
-            raise _Skip("null_row")
+            raise BadRecord("null_row")
         try:
             page_count, render = render_pdf(row["pdf"], dpi, max_side, grayscale=False)
         except ValueError as error:
-            raise _Skip("corrupt_pdf") from error
+            raise BadRecord("corrupt_pdf") from error
         return [render(index) for index in range(page_count)]
     if row["images"] is None:
-        raise _Skip("null_row")
+        raise BadRecord("null_row")
     return _decode([None if image is None else image["bytes"] for image in row["images"]])
 
 
@@ -108,8 +100,8 @@ def _read_parquet(
         try:
             turns = _turns(row["texts"], max_turn_chars)
             images = _row_images(schema, row, dpi, max_side)
-        except _Skip as skip:
-            stats.skip(skip.args[0])
+        except BadRecord as bad:
+            stats.skip(bad.reason)
             continue
         stats.ok()
         meta = {"subset": subset, "source": row["texts"][0]["source"]}
@@ -161,8 +153,8 @@ def read_m4_sft(shard: str, stats: RecordStats, max_turn_chars: int | None = Non
         except (ValueError, KeyError, TypeError):
             stats.skip("invalid_json")
             continue
-        except _Skip as skip:
-            stats.skip(skip.args[0])
+        except BadRecord as bad:
+            stats.skip(bad.reason)
             continue
         stats.ok()
         meta = {"source": texts[0]["source"]}

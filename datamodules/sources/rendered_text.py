@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats, register
-from datamodules.sources.records import iter_tar_groups
-from vlm.processing.image import load_image
+from datamodules.sources.records import BadRecord, decode_image, iter_tar_groups
 
 
 @register("rendered_text")
@@ -35,9 +34,9 @@ def read_rendered_text(shard: str, stats: RecordStats) -> Iterator[Sample]:
             stats.skip("filtered:empty_text")
             continue
         try:
-            image = load_image(members["png"])
-        except ValueError:
-            stats.skip("corrupt_image")
+            image = decode_image(members["png"])
+        except BadRecord as bad:
+            stats.skip(bad.reason)
             continue
         stats.ok()
         yield Sample(source="rendered_text", key=f"{shard}#{key}", content=[image, text])
