@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer
 
 from datamodules.encoding import Mode, SampleEncoder
 from datamodules.mixture import MixtureConfig, SourceConfig
@@ -35,6 +34,7 @@ from datamodules.sources.base import RecordStats
 from datamodules.streaming import ResumableLoader, ResumableStream, ShardedSampleStream
 from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
+from vlm.language_model import load_tokenizer
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
 from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
 
@@ -161,7 +161,8 @@ class VLMDataModule(LightningDataModule):
 
     - ``sources``: ``{source, urls, weight, max_seq_len, max_image_resolution, options}`` items;
       ``${VAR}`` in ``urls`` is expanded from the environment.
-    - ``tokenizer``: ``"tiny"`` (the offline test tokenizer) or a local path / hub name.
+    - ``tokenizer``: ``"tiny"`` (the offline test tokenizer), a local path (``~`` and ``${VAR}``
+      expanded) or a hub name.
     - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
       ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
       ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``;
@@ -176,7 +177,9 @@ class VLMDataModule(LightningDataModule):
     - ``synthetic`` / ``val_synthetic``: ``{source: n_samples}`` miniature shards written by
       ``prepare_data`` under ``data_root/<source>`` / ``data_root/val/<source>`` when that folder
       is absent or empty; the validation shards use another seed (``seed + VAL_SEED_OFFSET``).
-      ``sources`` / ``val_sources`` ``urls`` must point at them.
+      ``sources`` / ``val_sources`` ``urls`` must point at them. ``synthetic_options``:
+      ``{source: {option: value}}`` writer options for both (``{"cauldron": {"layout": "random"}}``:
+      distinct images, so the validation images are held out too, not only the records).
     """
 
     def __init__(
@@ -205,12 +208,16 @@ class VLMDataModule(LightningDataModule):
         data_root: str | None = None,
         synthetic: dict[str, int] | None = None,
         val_synthetic: dict[str, int] | None = None,
+        synthetic_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if (synthetic or val_synthetic) and data_root is None:
             raise ValueError("synthetic / val_synthetic need data_root (where the shards are written).")
         self.data_root = None if data_root is None else os.path.expandvars(data_root)
         self.synthetic, self.val_synthetic = dict(synthetic or {}), dict(val_synthetic or {})
+        self.synthetic_options = {source: dict(opts) for source, opts in (synthetic_options or {}).items()}
+        if set(self.synthetic_options) - set(self.synthetic) - set(self.val_synthetic):
+            raise ValueError(f"synthetic_options {self.synthetic_options} name sources not written.")
         self.val_generate, self.val_max_questions_per_sample = val_generate, val_max_questions_per_sample
         self.mixture = MixtureConfig(
             [expand_env(s) for s in sources], seed, shuffle_buffer, max_bad_record_rate
@@ -238,7 +245,7 @@ class VLMDataModule(LightningDataModule):
         if self.tokenizer_name == "tiny":
             tokenizer = load_tiny_tokenizer()
         else:
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            tokenizer = load_tokenizer(self.tokenizer_name)
         options = {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
         image_processor = ImageProcessor(self.recipe, **options)
         fusion = self.fusion or "autoregressive"
@@ -266,7 +273,7 @@ class VLMDataModule(LightningDataModule):
                 if out_dir.is_dir() and any(out_dir.iterdir()):
                     continue
                 tmp_dir = folder / f".{source}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
-                write_shards(source, tmp_dir, n_samples, seed=seed)
+                write_shards(source, tmp_dir, n_samples, seed=seed, **self.synthetic_options.get(source, {}))
                 os.replace(tmp_dir, out_dir)  # atomic: an interrupted write leaves no half-written folder
                 print(f"Wrote {n_samples} synthetic {source} samples to {out_dir}")
 
@@ -334,7 +341,7 @@ class VLMDataModule(LightningDataModule):
         sources = {s.source for s in [*self.mixture.sources, *self.val_sources]}
         return {} if self.mode is None else dict.fromkeys(sources, self.mode)
 
-    # --- hooks for callbacks (stage transitions, resolution ramp-up) -------------------------
+    # --- hooks for callbacks (stage transitions, resolution ramp-up); kept in ``state_dict`` -----
 
     def set_mixture_weights(self, weights: Sequence[float] | dict[str, float]) -> None:
         """New source weights (a list in ``sources`` order, or ``{source: weight}``).
@@ -343,7 +350,11 @@ class VLMDataModule(LightningDataModule):
         loader is iterated again (the calling callback must make the trainer re-iterate it).
         """
         if isinstance(weights, dict):
-            weights = [weights.get(s.source, 0.0) for s in self.mixture.sources]
+            known = [s.source for s in self.mixture.sources]
+            unknown = set(weights) - set(known)
+            if unknown:
+                raise ValueError(f"Mixture weights name {sorted(unknown)}, not among the sources {known}.")
+            weights = [weights.get(source, 0.0) for source in known]
         self.mixture_weights = list(weights)
         if self._train_loader is not None:
             self._train_loader.dataset.samples.set_weights(self.mixture_weights)
@@ -359,13 +370,27 @@ class VLMDataModule(LightningDataModule):
         if self._train_loader is not None:
             self._train_loader.dataset.encode.set_max_resolution(longest_edge)
 
+    def set_max_seq_len(self, max_seq_len: int) -> None:
+        """New packed row length (a stage's sequence length; per-source ``max_seq_len`` still caps each
+        document). Reaches workers when the train loader is iterated again, like ``set_mixture_weights``."""
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive; got {max_seq_len}.")
+        self.max_seq_len = max_seq_len
+        if self._train_loader is not None:
+            self._train_loader.dataset.max_seq_len = max_seq_len
+
     def record_stats(self) -> dict[str, RecordStats]:
         """Records read and skipped (by reason) per source, plus ``encoding`` and ``packing`` skips."""
         return {} if self._train_loader is None else self._train_loader.record_stats()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mixture_weights": self.mixture_weights, "max_resolution": self.max_resolution}
+        return {
+            "mixture_weights": self.mixture_weights,
+            "max_resolution": self.max_resolution,
+            "max_seq_len": self.max_seq_len,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.mixture_weights = state_dict.get("mixture_weights")
         self.max_resolution = state_dict.get("max_resolution")
+        self.max_seq_len = state_dict.get("max_seq_len", self.max_seq_len)

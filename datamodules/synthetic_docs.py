@@ -5,7 +5,8 @@ key formats, parquet columns, Arrow types and the ``huggingface`` schema metadat
 so the real readers run on them unchanged. Content comes from ``synthetic_content``: PDF pages and
 rendered text carry random words whose OCR annotation is exactly what is drawn (transcription is
 learnable), conversations ask about shapes scenes or about the words of a document. Output is
-deterministic given ``seed``. ``WRITERS[source](out_dir, n_samples, seed=0)`` returns the files written.
+deterministic given ``seed``. ``WRITERS[source](out_dir, n_samples, seed=0, **options)`` returns the files
+written (options: ``layout`` of ``cauldron``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 from datamodules.shard_files import hub_parquet_name, write_parquet, write_tar
 from datamodules.sources.conversations import CONVERSATION_SCHEMA, DOCMATIX_PDF_SCHEMA
 from datamodules.sources.pdf_documents import render_pdf
-from datamodules.synthetic_content import draw_scene, draw_text, random_scene, random_words
+from datamodules.synthetic_content import Layout, draw_scene, draw_text, random_scene, random_words
 
 PAGE_SIZE = (288.0, 216.0)  # points (4 x 3 inches): small pages keep renders cheap
 FONT_SIZE, LINE_HEIGHT, MARGIN = 14.0, 20.0, 18.0
@@ -188,10 +189,13 @@ def _texts(turns: list[tuple[str, str]], source: str) -> list[dict]:
     return [{"user": user, "assistant": assistant, "source": source} for user, assistant in turns]
 
 
-def scene_conversation(rng: random.Random, n_images: int) -> tuple[list[Image.Image], list[tuple[str, str]]]:
-    """Shapes images and Q/A turns about them (one image: its ``qa_pairs``; several: per-image counts)."""
+def scene_conversation(
+    rng: random.Random, n_images: int, layout: Layout = "grid"
+) -> tuple[list[Image.Image], list[tuple[str, str]]]:
+    """Shapes images (drawn with ``layout``) and Q/A turns about them (one image: its ``qa_pairs``;
+    several: per-image counts)."""
     scenes = [random_scene(rng) for _ in range(n_images)]
-    images = [draw_scene(scene, rng) for scene in scenes]
+    images = [draw_scene(scene, rng, layout=layout) for scene in scenes]
     if n_images == 1:
         return images, scenes[0].qa_pairs()
     turns = [(f"How many {s.shape}s are in image {i + 1}?", str(s.count)) for i, s in enumerate(scenes)]
@@ -199,15 +203,16 @@ def scene_conversation(rng: random.Random, n_images: int) -> tuple[list[Image.Im
     return images, [*turns, ("Are the shapes of the first two images the same colour?", same)]
 
 
-def write_cauldron(out_dir: Path, n_samples: int, seed: int = 0) -> list[Path]:
+def write_cauldron(out_dir: Path, n_samples: int, seed: int = 0, layout: Layout = "grid") -> list[Path]:
     """Cauldron parquet in two subsets, ``clevr`` (one image per row) and ``mimic_cgd`` (two images),
-    files ``{subset}/train-00000-of-0000N-<16hex>.parquet``."""
+    files ``{subset}/train-00000-of-0000N-<16hex>.parquet``; shapes scenes drawn with ``layout``
+    (``random``: practically no image repeats, so shards of another seed are held-out images)."""
     rng = random.Random(seed)
     paths = []
     for subset, n_images, count in (("clevr", 1, (n_samples + 1) // 2), ("mimic_cgd", 2, n_samples // 2)):
         rows = []
         for _ in range(count):
-            images, turns = scene_conversation(rng, n_images)
+            images, turns = scene_conversation(rng, n_images, layout)
             rows.append(
                 {"images": [{"bytes": _png(i), "path": None} for i in images], "texts": _texts(turns, subset)}
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
@@ -17,11 +18,15 @@ _NO_DECAY_NAMES = ("latents", "queries")
 
 def no_weight_decay(model: nn.Module) -> set[str]:
     """Names of the parameters that take no weight decay: 1-D parameters (norm weights, biases,
-    tanh gates, DoRA magnitudes), embedding tables and perceiver latents / mapping-network queries."""
+    tanh gates, DoRA magnitudes), embedding tables (the language model's output projection
+    included: with ``train_new_token_embeddings`` only a few rows train, and decay would shrink all
+    of them) and perceiver latents / mapping-network queries."""
     names = {name for name, param in model.named_parameters() if param.dim() < 2}
     names |= {name for name in dict(model.named_parameters()) if name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}
+    language_model = getattr(model, "language_model", None)
+    output_embeddings = None if language_model is None else language_model.get_output_embeddings()
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding) or (module is output_embeddings and module is not None):
             names |= {
                 f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters()
             }
@@ -86,3 +91,32 @@ def lr_lambda(
         return min_lr_ratio + (1 - min_lr_ratio) * decay
 
     return multiplier
+
+
+@dataclass
+class LRSchedule:
+    """The learning rate over global steps ``[start_step, end_step)``: warmup to ``lr``, then
+    ``schedule`` down to ``min_lr`` at ``end_step`` (``None``: the end of training).
+
+    A function of the trainer's global step rather than of a scheduler's own counter, so a stage
+    transition (a new schedule from its first step) and a resume both give the same learning rates.
+    """
+
+    lr: float
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"Need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}.")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be after start_step ({self.start_step}).")
+
+    def lr_at(self, step: int, last_step: int) -> float:
+        """The learning rate at global step ``step`` (``last_step``: the end when ``end_step`` is unset)."""
+        end = self.end_step if self.end_step is not None else last_step
+        multiplier = lr_lambda(self.schedule, self.warmup_steps, end - self.start_step, self.min_lr / self.lr)
+        return self.lr * multiplier(max(step - self.start_step, 0))

@@ -107,7 +107,6 @@ def apply_policy(model: VisionLanguageModel, policy: TrainingPolicy) -> list[Rem
     Components the model lacks (``cross_attention`` with autoregressive fusion) are skipped.
     Returns the gradient hooks of ``train_new_token_embeddings`` (remove them before the next policy).
     """
-    hooks = []
     for name in COMPONENTS:
         component = getattr(model, name, None)
         if component is None:
@@ -118,12 +117,21 @@ def apply_policy(model: VisionLanguageModel, policy: TrainingPolicy) -> list[Rem
         for param_name, param in component.named_parameters():
             adapter = "lora_" in param_name
             param.requires_grad_(mode == "full" or (mode in ("lora", "dora") and adapter))
-    if policy.train_new_token_embeddings and policy.language_model != "full":
-        rows = sorted(set(model.special_token_ids.values()))
-        lm = model.language_model
-        weights = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}
-        hooks = [_train_rows(weight, rows) for weight in weights.values()]  # tied weights: one hook
-    return hooks
+    weights, rows = new_token_rows(model, policy)
+    return [_train_rows(weight, rows) for weight in weights]
+
+
+def new_token_rows(
+    model: VisionLanguageModel, policy: TrainingPolicy
+) -> tuple[list[nn.Parameter], list[int]]:
+    """The embedding and output matrices (one if tied) of which ``train_new_token_embeddings`` trains
+    only the special tokens' rows, and those rows; none unless it is on and the language model is not
+    fully trained."""
+    if not policy.train_new_token_embeddings or policy.language_model == "full":
+        return [], []
+    lm = model.language_model
+    weights = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())}
+    return list(weights.values()), sorted(set(model.special_token_ids.values()))
 
 
 def has_adapters(model: nn.Module) -> bool:

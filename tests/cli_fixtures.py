@@ -2,10 +2,13 @@
 
 Importable as ``cli_fixtures`` with ``PYTHONPATH=tests``. Tiny and CPU-only: a linear regression on
 random tensors. ``TinyModule`` writes a JSON marker (steps done, first/last loss) in
-``on_train_end`` so a test can tell that ``fit`` really trained.
+``on_train_end`` so a test can tell that ``fit`` really trained. ``LossLog`` records per-step losses of
+any module (tests/test_checkpoints.py).
 """
 
 import json
+import os
+import signal
 
 import lightning as L
 import torch
@@ -61,3 +64,19 @@ class TinyDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(1)
+
+
+class LossLog(L.Callback):
+    """Append ``{"step", "loss"}`` per training step to a JSON-lines file (kill-and-resume test); with
+    ``KILL_AT_STEP=k`` in the environment, SIGKILL the process at the start of step ``k``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if str(trainer.global_step) == os.environ.get("KILL_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"])}) + "\n")

@@ -130,6 +130,7 @@ def test_param_groups_skip_decay_on_norms_biases_embeddings_latents_gates():
         "language_model.model.norm.weight",
         "vision_tower.vit.encoder.layers.0.self_attn.q_proj.bias",
         "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight",  # untied output embeddings (idefics2-tiny)
         "vision_tower.vit.embeddings.position_embedding.weight",
         "connector.perceiver_resampler.latents",
         "cross_attention.blocks.0.attn_gate",

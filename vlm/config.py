@@ -90,9 +90,10 @@ class LanguageConfig:
     """Causal language model: built from a transformers config or loaded from a local path/hub name.
 
     With ``pretrained`` unset, the model is built from ``AutoConfig.for_model(model_type,
-    **config)`` with random weights. ``special_tokens`` missing from the vocabulary are added
-    (to the tokenizer when there is one, else appended after ``config['vocab_size']``) and the
-    embeddings resized to match.
+    **config)`` with random weights; ``pretrained`` (a local folder, ``~`` and ``${VAR}`` expanded,
+    or a hub name) loads a saved model instead (``model_type`` and ``config`` are then unused).
+    ``special_tokens`` missing from the vocabulary are added (to the tokenizer when there is one,
+    else appended after ``config['vocab_size']``) and the embeddings resized to match.
     """
 
     model_type: str = "mistral"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,15 @@ def text_dims(config: PretrainedConfig) -> TextDims:
     return TextDims(hidden, intermediate, config.num_hidden_layers)
 
 
+def resolve_path(path: str | Path) -> str:
+    """``path`` with ``~`` and ``${VAR}`` expanded (YAML configs cannot expand them); hub names unchanged."""
+    return os.path.expanduser(os.path.expandvars(str(path)))
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved beside a language model (local directory or hub name)."""
-    return AutoTokenizer.from_pretrained(path)
+    """Load the tokenizer saved beside a language model (local directory, ``~`` and ``${VAR}``
+    expanded, or hub name)."""
+    return AutoTokenizer.from_pretrained(resolve_path(path))
 
 
 def build_language_model(
@@ -47,7 +54,7 @@ def build_language_model(
     """
     if cfg.pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, attn_implementation=cfg.attn_implementation
+            resolve_path(cfg.pretrained), attn_implementation=cfg.attn_implementation
         )
     else:
         try:

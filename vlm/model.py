@@ -251,8 +251,16 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
         if document_ids is not None:
             attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
+        # No KV cache: a full forward (training, scoring) does not reuse it, and activation checkpointing
+        # would append the recomputed keys to it a second time.
         out = self._language_forward(
-            inputs_embeds, input_ids, media, None, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds,
+            input_ids,
+            media,
+            None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         )
         loss = None
         if labels is not None:

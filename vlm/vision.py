@@ -34,6 +34,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from vlm.config import VisionConfig
+from vlm.language_model import resolve_path
 
 POSITION_EMBEDDINGS = ("bucketed", "interpolated")
 
@@ -278,8 +279,11 @@ def siglip_to_timm_state_dict(hf_state_dict: dict[str, Tensor]) -> dict[str, Ten
 
 
 def _load_siglip(path: str) -> SiglipVisionModel:
-    # A local SigLIP / Idefics vision model saved with save_pretrained; sizes come from the checkpoint.
-    return SiglipVisionModel.from_pretrained(path, attn_implementation="sdpa", vision_use_head=False)
+    # A local SigLIP / Idefics vision model saved with save_pretrained (``~`` and ``${VAR}`` expanded, as
+    # YAML configs cannot) or a hub name; sizes come from the checkpoint.
+    return SiglipVisionModel.from_pretrained(
+        resolve_path(path), attn_implementation="sdpa", vision_use_head=False
+    )
 
 
 def siglip_config_kwargs(cfg: VisionConfig) -> dict[str, Any]:
@@ -334,7 +338,8 @@ def _build_timm(cfg: VisionConfig) -> VisionTower:
 def _build_open_clip(cfg: VisionConfig) -> VisionTower:
     if not cfg.model_name:
         raise ValueError("`vision.model_name` must name an open_clip model (see open_clip.list_models()).")
-    visual = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained).visual
+    pretrained = None if cfg.pretrained is None else resolve_path(cfg.pretrained)
+    visual = open_clip.create_model(cfg.model_name, pretrained=pretrained).visual
     if isinstance(visual, TimmModel):
         visual.trunk.reset_classifier(0, global_pool="")  # drops the MAP head of SigLIP trunks
         return TimmVisionTower(visual.trunk, cfg.position_embedding)
@@ -350,11 +355,11 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """Build the tower ``cfg.backend`` names, with random weights unless ``cfg.pretrained`` is set.
 
     ``siglip`` and ``timm`` take their sizes and activation from ``cfg`` (for ``timm``, ``model_name``
-    picks the block structure: class token, norms, ...). ``pretrained`` is a local transformers SigLIP /
-    Idefics vision model dir: ``siglip`` then takes its sizes from the checkpoint, ``timm`` loads it
-    into the ``cfg``-sized model (sizes must agree). ``open_clip`` takes everything from the named model
-    and ``pretrained`` is an open_clip checkpoint file. Read sizes from the returned tower's
-    ``hidden_size`` / ``patch_size``, not from ``cfg``.
+    picks the block structure: class token, norms, ...). ``pretrained`` (``~`` and ``${VAR}`` expanded) is
+    a local transformers SigLIP / Idefics vision model dir: ``siglip`` then takes its sizes from the
+    checkpoint, ``timm`` loads it into the ``cfg``-sized model (sizes must agree). ``open_clip`` takes
+    everything from the named model and ``pretrained`` is an open_clip checkpoint file. Read sizes from
+    the returned tower's ``hidden_size`` / ``patch_size``, not from ``cfg``.
     """
     if cfg.backend not in _BUILDERS:
         raise ValueError(f"Unknown vision backend {cfg.backend!r}; valid backends: {', '.join(_BUILDERS)}.")
