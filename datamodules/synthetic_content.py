@@ -16,12 +16,21 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("square", "circle", "triangle")
 #: ``draw_scene`` layouts: ``grid`` draws each shape, all of one size, in its own cell of a 3x2 grid (744
-#: distinct 96x64 images in all: a validation set of them mostly repeats training images); ``random``
-#: gives each shape a random size and position (practically every image distinct: a held-out split).
-Layout = Literal["grid", "random"]
+#: distinct 96x64 images in all: a validation set of them mostly repeats training images);
+#: ``jittered_grid`` keeps one shape per cell but gives each a random size and offset within its cell,
+#: and the image a shade of its colour (practically every image distinct, and still learnable by a tiny
+#: model from scratch in minutes: the demo's held-out split); ``random`` gives each shape a random size
+#: and position anywhere, and a shade (harder).
+Layout = Literal["grid", "jittered_grid", "random"]
+LAYOUTS = ("grid", "jittered_grid", "random")
 #: ``random`` layout at 96x64: square boxes with sides of 12-24 px, at least 6 px apart (6-12 px and 3 px at
 #: the demo's 48x32 processed resolution: still separate, countable shapes after the bilinear resize).
 RANDOM_SIDES, RANDOM_GAP = (12, 24), 6
+#: ``jittered_grid`` at 96x64: sides of 16-28 px inside the 32x32 cells, at least 2 px from the cell's edges.
+JITTERED_SIDES, CELL_MARGIN = (16, 28), 2
+#: ``jittered_grid`` and ``random`` also shade the colour: each channel of the named colour moves by up to
+#: this much per image (still unmistakably that colour), so that no two images coincide by chance.
+SHADE_JITTER = 20
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 WORDS = [
     "apple",
@@ -77,14 +86,21 @@ def random_scene(rng: random.Random) -> ShapeScene:
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), inclusive, as PIL draws it
 
 
-def grid_boxes(rng: random.Random, count: int, size: tuple[int, int]) -> list[Box]:
-    """``count`` boxes at random distinct cells of a 3x2 grid (each the cell less a 2 px margin)."""
+def grid_boxes(rng: random.Random, count: int, size: tuple[int, int], jitter: bool = False) -> list[Box]:
+    """``count`` boxes at random distinct cells of a 3x2 grid: each the cell less a 2 px margin, or with
+    ``jitter`` a square of random side in ``JITTERED_SIDES`` at a random place inside that area."""
     width, height = size
     cell_w, cell_h = width // 3, height // 2
+    inner_w, inner_h = cell_w - 2 * CELL_MARGIN, cell_h - 2 * CELL_MARGIN
     boxes = []
     for cell in rng.sample(range(6), count):
-        left, top = (cell % 3) * cell_w + 2, (cell // 3) * cell_h + 2
-        boxes.append((left, top, left + cell_w - 4, top + cell_h - 4))
+        left, top = (cell % 3) * cell_w + CELL_MARGIN, (cell // 3) * cell_h + CELL_MARGIN
+        if not jitter:
+            boxes.append((left, top, left + inner_w, top + inner_h))
+            continue
+        side = min(rng.randint(*JITTERED_SIDES), inner_w, inner_h)
+        left, top = left + rng.randint(0, inner_w - side), top + rng.randint(0, inner_h - side)
+        boxes.append((left, top, left + side - 1, top + side - 1))
     return boxes
 
 
@@ -120,12 +136,17 @@ def draw_scene(
     scene: ShapeScene, rng: random.Random, size: tuple[int, int] = (96, 64), layout: Layout = "grid"
 ) -> Image.Image:
     """An RGB image of ``scene``: its shapes in non-overlapping boxes placed by ``layout``."""
-    if layout not in ("grid", "random"):
-        raise ValueError(f"Unknown layout {layout!r}; choose 'grid' or 'random'.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(map(repr, LAYOUTS))}.")
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     colour = COLOURS[scene.colour]
-    boxes = grid_boxes(rng, scene.count, size) if layout == "grid" else random_boxes(rng, scene.count, size)
+    if layout != "grid":
+        colour = tuple(min(255, max(0, c + rng.randint(-SHADE_JITTER, SHADE_JITTER))) for c in colour)
+    if layout == "random":
+        boxes = random_boxes(rng, scene.count, size)
+    else:
+        boxes = grid_boxes(rng, scene.count, size, jitter=layout == "jittered_grid")
     for box in boxes:
         if scene.shape == "square":
             draw.rectangle(box, fill=colour)

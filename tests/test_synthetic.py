@@ -1,5 +1,6 @@
 """The public pair ``write_shards`` -> ``iter_samples`` works for every source, with nothing lost; the
-``random`` shapes layout draws what its scene says, countably, with practically no image repeated."""
+``jittered_grid`` and ``random`` shapes layouts draw what their scene says, countably, with practically
+no image repeated."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from datamodules import Sample
 from datamodules.sources import READERS, iter_samples
 from datamodules.synthetic import WRITERS, write_shards
 from datamodules.synthetic_content import (
+    CELL_MARGIN,
     COLOURS,
+    JITTERED_SIDES,
     RANDOM_GAP,
     RANDOM_SIDES,
+    SHADE_JITTER,
     draw_scene,
     random_boxes,
     random_scene,
@@ -89,7 +93,8 @@ def test_random_boxes_are_inside_apart_and_of_the_allowed_sides():
         random_boxes(rng, 20, (96, 64))  # 18 px per box and gap: at most 5 x 3 fit
 
 
-def test_random_layout_draws_the_scene_countably_at_full_and_half_size():
+@pytest.mark.parametrize("layout", ["jittered_grid", "random"])
+def test_varied_layouts_draw_the_scene_countably_at_full_and_half_size(layout):
     """Each shape is one blob of the scene's colour whose fill of its bounding box tells its shape
     (square 1, circle ~pi/4, triangle ~1/2); at the demo's 48x32 (bilinear, as the idefics2 recipe)
     the pixels nearer the colour than white still form exactly ``count`` blobs."""
@@ -97,11 +102,15 @@ def test_random_layout_draws_the_scene_countably_at_full_and_half_size():
     rng = random.Random(0)
     for _ in range(300):
         scene = random_scene(rng)
-        image = draw_scene(scene, rng, layout="random")
+        image = draw_scene(scene, rng, layout=layout)
         pixels = np.asarray(image).astype(int)
-        colour, white = np.array(COLOURS[scene.colour]), np.array([255, 255, 255])
+        white = np.array([255, 255, 255])
         painted = (pixels != white).any(-1)
+        colour = pixels[painted][0]
         assert (pixels[painted] == colour).all()  # one colour, no anti-aliasing
+        assert np.abs(colour - COLOURS[scene.colour]).max() <= SHADE_JITTER  # a shade of the named one
+        nearest = min(COLOURS, key=lambda name: np.abs(np.array(COLOURS[name]) - colour).sum())
+        assert nearest == scene.colour
         blobs = components(painted)
         assert len(blobs) == scene.count
         for left, top, right, bottom, area in blobs:
@@ -113,12 +122,13 @@ def test_random_layout_draws_the_scene_countably_at_full_and_half_size():
         assert len(components(nearer)) == scene.count
 
 
-def test_random_layout_images_are_practically_all_distinct_and_grid_ones_are_not():
+def test_varied_layout_images_are_practically_all_distinct_and_grid_ones_are_not():
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(1000)]
     grid = {draw_scene(scene, rng).tobytes() for scene in scenes}
-    distinct = {draw_scene(scene, rng, layout="random").tobytes() for scene in scenes}
-    assert len(distinct) == 1000 and len(grid) < 744
+    assert len(grid) < 744
+    for layout in ("jittered_grid", "random"):
+        assert len({draw_scene(scene, rng, layout=layout).tobytes() for scene in scenes}) == 1000
     with pytest.raises(ValueError, match="layout"):
         draw_scene(scenes[0], rng, layout="spiral")
 
@@ -137,5 +147,22 @@ def test_cauldron_writer_draws_with_the_layout_given_and_other_writers_reject_it
     }  # 3x2 cells less margins
     sides = blob_sides(write_shards("cauldron", tmp_path / "random", 4, seed=3, layout="random"))
     assert len(sides) > 1 and sides <= set(range(RANDOM_SIDES[0], RANDOM_SIDES[1] + 1))
+    sides = blob_sides(write_shards("cauldron", tmp_path / "jittered", 4, seed=3, layout="jittered_grid"))
+    assert len(sides) > 1 and sides <= set(range(JITTERED_SIDES[0], JITTERED_SIDES[1] + 1))
     with pytest.raises(TypeError, match="layout"):
         write_shards("text", tmp_path / "text", 2, layout="random")
+
+
+def test_jittered_grid_keeps_each_shape_inside_its_own_cell():
+    """One shape per 32x32 cell of the 3x2 grid, at least ``CELL_MARGIN`` px from the cell's edges."""
+    rng = random.Random(1)
+    for _ in range(200):
+        scene = random_scene(rng)
+        painted = (np.asarray(draw_scene(scene, rng, layout="jittered_grid")) != 255).any(-1)
+        cells = set()
+        for left, top, right, bottom, _ in components(painted):
+            cell = (left // 32, top // 32)
+            assert (right // 32, bottom // 32) == cell
+            assert min(left, top) % 32 >= CELL_MARGIN and 31 - max(right % 32, bottom % 32) >= CELL_MARGIN
+            cells.add(cell)
+        assert len(cells) == scene.count

@@ -117,7 +117,10 @@ class PerceiverResampler(nn.Module):
 
     def __init__(self, dim: int, cfg: ConnectorConfig) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.ones(cfg.num_latents, dim))
+        # Distinct random latents (as open_flamingo / Idefics1): transformers' Idefics2 fills them with
+        # ones, which is harmless when loading trained weights but makes every latent start identical, so
+        # a perceiver trained from scratch pools like one query for hundreds of steps (the CPU demo).
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
         self.layers = nn.ModuleList(PerceiverLayer(dim, cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
 
