@@ -9,6 +9,8 @@ from typing import Literal
 
 from torch import nn
 
+from lit_modules.policy import COMPONENTS
+
 Schedule = Literal["cosine", "linear", "constant"]
 
 # Parameters that take no weight decay besides the 1-D ones (norms, biases, gates, DoRA
@@ -38,15 +40,16 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups of the trainable parameters, one per (top-level component, decay or not).
 
-    ``lr_multipliers`` scales the learning rate of a component (``{"vision_tower": 0.1}``); the
-    groups carry ``name`` (e.g. ``connector/no_decay``) for logging. Empty groups are left out.
+    ``lr_multipliers`` scales the learning rate of a component (``{"vision_tower": 0.1}``); one the
+    model lacks (``cross_attention`` under autoregressive fusion) is ignored, as in the policy, so a
+    config keeps working when ``--model.fusion`` swaps the fusion. The groups carry ``name`` (e.g.
+    ``connector/no_decay``) for logging. Empty groups are left out.
     """
     lr_multipliers = dict(lr_multipliers or {})
-    components = {name.split(".", 1)[0] for name, _ in model.named_parameters()}
-    unknown = set(lr_multipliers) - components
+    unknown = set(lr_multipliers) - set(COMPONENTS)
     if unknown:
         raise ValueError(
-            f"lr_multipliers names {sorted(unknown)}, not components of the model {sorted(components)}."
+            f"lr_multipliers names {sorted(unknown)}, not model components; choose from {list(COMPONENTS)}."
         )
     skip_decay = no_weight_decay(model)
     groups: dict[str, dict] = {}

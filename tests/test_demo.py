@@ -1,10 +1,12 @@
 """The CPU demo (``configs/demo.yaml``): the config parses, ``prepare_data`` writes the synthetic
-shards once (validation on another seed), generation-validation batches are honest prompts, and a
-few training steps plus one generation validation run through the demo's own code path (the
-LightningCLI entry point with small overrides). The full demo (minutes) is the ``slow`` test."""
+shards once (validation on another seed, and no validation image among the training ones),
+generation-validation batches are honest prompts, and a few training steps plus one generation
+validation run through the demo's own code path (the LightningCLI entry point with small overrides).
+The full demo (minutes, each fusion) is the ``slow`` test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -18,6 +20,7 @@ import yaml
 from datamodules import VLMDataModule
 from datamodules.datamodule import collate_questions, questions_of
 from datamodules.sample import Sample
+from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
 from vlm.cli import main
 from vlm.config import IMAGE_TOKEN
@@ -26,13 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def demo_args(tmp_path: Path, n_train: int = 32, n_val: int = 8) -> list[str]:
-    """The demo config with its data and outputs under ``tmp_path`` and small data."""
+def demo_data() -> dict:
+    """The ``data.init_args`` of the demo config."""
+    return yaml.safe_load(DEMO.read_text())["data"]["init_args"]
+
+
+def demo_args(tmp_path: Path, small: bool = True) -> list[str]:
+    """The demo config with its data and outputs under ``tmp_path``; ``small``: 32 training and 8
+    validation Cauldron conversations and small shuffle / packing buffers."""
     data = tmp_path / "data"
-    source = {"source": "cauldron", "weight": 1.0, "max_seq_len": 64}
+    source = {"source": "cauldron", "weight": 1.0, "max_seq_len": demo_data()["max_seq_len"]}
     train = [{**source, "urls": f"{data}/cauldron/clevr/*.parquet"}]
     val = [{**source, "urls": f"{data}/val/cauldron/clevr/*.parquet"}]
-    return [
+    args = [
         "--config",
         str(DEMO),
         "--trainer.default_root_dir",
@@ -40,13 +49,17 @@ def demo_args(tmp_path: Path, n_train: int = 32, n_val: int = 8) -> list[str]:
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "logs"),
         f"--data.data_root={data}",
-        f"--data.synthetic={json.dumps({'cauldron': n_train})}",
-        f"--data.val_synthetic={json.dumps({'cauldron': n_val})}",
         f"--data.sources={json.dumps(train)}",
         f"--data.val_sources={json.dumps(val)}",
-        "--data.shuffle_buffer=8",
-        "--data.pack_buffer_size=8",
     ]
+    if small:
+        args += [
+            f"--data.synthetic={json.dumps({'cauldron': 32})}",
+            f"--data.val_synthetic={json.dumps({'cauldron': 8})}",
+            "--data.shuffle_buffer=8",
+            "--data.pack_buffer_size=8",
+        ]
+    return args
 
 
 def test_demo_config_parses_and_is_self_consistent(monkeypatch):
@@ -55,7 +68,11 @@ def test_demo_config_parses_and_is_self_consistent(monkeypatch):
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert config["model"]["class_path"] == "lit_modules.VLMModule"
     assert config["data"]["class_path"] == "datamodules.VLMDataModule"
-    assert data["image_seq_len"] == model["model"]["connector"]["num_latents"]
+    patch, images = model["model"]["vision"]["patch_size"], data["image_processor"]
+    patches = (images["longest_edge"] // patch) * (images["shortest_edge"] // patch)
+    assert model["model"]["connector"]["type"] == "mlp" and data["image_seq_len"] == patches  # one per patch
+    sources = (*data["sources"], *data["val_sources"])
+    assert all(source["max_seq_len"] == data["max_seq_len"] for source in sources)
     assert set(model["policy"].values()) == {"full"}  # from scratch: everything trained
     assert data["val_generate"] and data["val_synthetic"]
     for source in (*data["sources"], *data["val_sources"]):
@@ -91,6 +108,36 @@ def test_prepare_data_writes_absent_shards_once_with_a_held_out_seed(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     with pytest.raises(ValueError, match="data_root"):
         VLMDataModule([], synthetic={"cauldron": 4})
+    with pytest.raises(ValueError, match="synthetic_options"):
+        VLMDataModule([], data_root=str(tmp_path), synthetic={"cauldron": 4}, synthetic_options={"pdfa": {}})
+
+
+def test_demo_validation_images_are_not_training_images(tmp_path):
+    """The demo's held-out split holds out images, not only records: every image of the validation
+    shards (pixels hashed) differs from every image of the training shards, as the demo writes them."""
+    config = demo_data()
+    data = VLMDataModule(
+        [],
+        data_root=str(tmp_path),
+        seed=config["seed"],
+        synthetic=config["synthetic"],
+        val_synthetic=config["val_synthetic"],
+        synthetic_options=config["synthetic_options"],
+    )
+    data.prepare_data()
+
+    def image_hashes(folder: Path) -> list[str]:
+        samples = iter_samples("cauldron", [str(p) for p in sorted(folder.rglob("*.parquet"))])
+        return [hashlib.sha256(image.tobytes()).hexdigest() for sample in samples for image in sample.images]
+
+    train, val = image_hashes(tmp_path / "cauldron"), image_hashes(tmp_path / "val" / "cauldron")
+    n_images = [
+        (n + 1) // 2 + n // 2 * 2
+        for n in (config["synthetic"]["cauldron"], config["val_synthetic"]["cauldron"])
+    ]
+    assert [len(train), len(val)] == n_images  # clevr rows have 1 image, mimic_cgd rows 2
+    assert set(val).isdisjoint(train)
+    assert len(set(val)) == len(val)  # nor repeats within validation
 
 
 def test_generation_batches_are_left_padded_prompts_without_the_answer(tmp_path):
@@ -145,8 +192,15 @@ def test_demo_trains_validates_and_checkpoints_through_the_cli(tmp_path, capsys,
 
 
 @pytest.mark.slow
-def test_full_demo_reaches_80_percent(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fusion", ["autoregressive", "cross_attention"])
+def test_full_demo_reaches_80_percent(tmp_path, monkeypatch, fusion):
+    """The acceptance run (minutes on 2 CPU cores, each fusion): held-out val/acc >= 0.8 at the end."""
     monkeypatch.setattr(sys, "argv", ["demo"])
-    """The acceptance run (minutes on 2 CPU cores): held-out val/acc >= 0.8 at the end."""
-    cli = main(["fit", *demo_args(tmp_path, n_train=4000, n_val=200), "--trainer.enable_progress_bar=false"])
+    args = [
+        *demo_args(tmp_path, small=False),
+        f"--model.fusion={fusion}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = main(["fit", *args])
+    assert cli.trainer.global_step == yaml.safe_load(DEMO.read_text())["trainer"]["max_steps"]
     assert float(cli.trainer.callback_metrics["val/acc"]) >= 0.8

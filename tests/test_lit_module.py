@@ -147,6 +147,15 @@ def test_param_groups_skip_decay_on_norms_biases_embeddings_latents_gates():
     assert n_grouped == sum(1 for p in module.model.parameters() if p.requires_grad)
 
 
+def test_lr_multipliers_of_absent_components_are_ignored_and_unknown_names_rejected():
+    """A config tuned for both fusions names ``cross_attention``: ignored under autoregressive fusion."""
+    module = build(fusion="autoregressive")
+    groups = {g["name"]: g["lr"] for g in param_groups(module.model, 1e-3, 0.0, {"cross_attention": 5.0})}
+    assert not any(name.startswith("cross_attention") for name in groups) and set(groups.values()) == {1e-3}
+    with pytest.raises(ValueError, match="'vision'.*choose from.*'vision_tower'"):
+        param_groups(module.model, 1e-3, 0.0, {"vision": 2.0})
+
+
 def test_schedules_warmup_middle_end():
     cosine = lr_lambda("cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert cosine(0) == pytest.approx(1 / 11) and cosine(9) == pytest.approx(10 / 11)
