@@ -152,7 +152,7 @@ def test_lr_multipliers_of_absent_components_are_ignored_and_unknown_names_rejec
     module = build(fusion="autoregressive")
     groups = {g["name"]: g["lr"] for g in param_groups(module.model, 1e-3, 0.0, {"cross_attention": 5.0})}
     assert not any(name.startswith("cross_attention") for name in groups) and set(groups.values()) == {1e-3}
-    with pytest.raises(ValueError, match="'vision'.*choose from.*'vision_tower'"):
+    with pytest.raises(ValueError, match=r"'vision'.*choose from.*'vision_tower'"):
         param_groups(module.model, 1e-3, 0.0, {"vision": 2.0})
 
 
