@@ -256,7 +256,7 @@ class VLMModule(LightningModule):
         torch.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        loss = self(**batch).loss
+        loss = self(**batch, return_logits=False).loss  # the loss without the batch's logits (vlm.loss)
         batch_size = batch["input_ids"].shape[0]
         self._skip_backward = not self._finite_on_every_rank(loss)
         if self._skip_backward:
@@ -312,7 +312,7 @@ class VLMModule(LightningModule):
         decoded text and the answer must be equal after ``normalize_answer``.
         """
         if "labels" in batch:
-            loss = self(**batch).loss
+            loss = self(**batch, return_logits=False).loss
             self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         if "answers" in batch and self.tokenizer is not None:
             predictions = self.generate_answers(batch)

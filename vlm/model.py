@@ -24,14 +24,19 @@ from vlm.connectors import build_connector
 from vlm.cross_attention import CrossAttentionFusion, text_image_index
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
+from vlm.loss import linear_cross_entropy
 from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels
+
+#: transformers causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping, scaling).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
 
 
 @dataclass
 class VLMOutput:
-    """Output of ``VisionLanguageModel.forward``; ``loss`` is set when ``labels`` are given."""
+    """Output of ``VisionLanguageModel.forward``; ``loss`` is set when ``labels`` are given, ``logits``
+    unless ``return_logits=False``."""
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None = None
     past_key_values: DynamicCache | None = None
     image_features: Tensor | None = None
@@ -192,15 +197,33 @@ class VisionLanguageModel(nn.Module):
         input_ids: Tensor,
         media: CrossAttentionMedia | None,
         images_seen: Tensor | None,
+        hidden_states_only: bool = False,
         **lm_kwargs,
     ):
-        """Run the LM on merged embeddings; with cross-attention, condition its blocks on ``media``."""
+        """Run the LM on merged embeddings; with cross-attention, condition its blocks on ``media``.
+        ``hidden_states_only`` runs the decoder without the output embedding (``.last_hidden_state``)."""
         context = nullcontext()
         if media is not None:
             text_index = text_image_index(input_ids == self.image_token_id, images_seen)
             context = self.cross_attention.condition(media.media, media.media_image_index, text_index)
+        module = self.language_model.base_model if hidden_states_only else self.language_model
         with context:
-            return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
+            return module(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+    @property
+    def _plain_output_embedding(self) -> nn.Linear | None:
+        """The LM's output embedding when its logits are exactly ``lm_head(hidden)`` (no soft-capping or
+        scaling, no adapter on it), so the loss can be computed from hidden states (``vlm.loss``)."""
+        head = self.language_model.get_output_embeddings()
+        if type(head) is not nn.Linear or self.language_model.config.model_type not in PLAIN_HEAD_MODEL_TYPES:
+            return None
+        return head
+
+    def _labelled_loss(self, hidden: Tensor, labels: Tensor, head: nn.Linear) -> Tensor:
+        """Mean next-token loss from the last hidden states, on the labelled positions only."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias)
 
     def _embed(
         self,
@@ -236,8 +259,15 @@ class VisionLanguageModel(nn.Module):
         tiles_per_sample: Tensor | None = None,
         tiles_per_image: Tensor | None = None,
         document_ids: Tensor | None = None,
+        return_logits: bool = True,
     ) -> VLMOutput:
         """Logits for every position and, given ``labels`` (-100 = ignored), the mean next-token loss.
+
+        ``return_logits=False`` with ``labels`` (what training uses) returns the loss only
+        (``logits=None``), computed from the hidden states of the labelled positions chunk by chunk
+        (``vlm.loss.linear_cross_entropy``) instead of from the whole batch's logits: the same value,
+        without the (batch, seq, vocab) tensors (for LMs whose head is a plain linear layer, see
+        ``PLAIN_HEAD_MODEL_TYPES``; others compute the logits as usual).
 
         ``image_features`` (from ``encode_images``) may replace ``pixel_values``. With the
         processor's flat layout, ``tiles_per_sample`` checks each row's image tokens and
@@ -251,6 +281,7 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
         if document_ids is not None:
             attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
+        head = None if return_logits or labels is None else self._plain_output_embedding
         # No KV cache: a full forward (training, scoring) does not reuse it, and activation checkpointing
         # would append the recomputed keys to it a second time.
         out = self._language_forward(
@@ -258,15 +289,19 @@ class VisionLanguageModel(nn.Module):
             input_ids,
             media,
             None,
+            hidden_states_only=head is not None,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         )
+        if head is not None:
+            loss = self._labelled_loss(out.last_hidden_state, labels, head)
+            return VLMOutput(logits=None, loss=loss, image_features=image_features)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            logits = out.logits[:, :-1].flatten(0, 1)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+            loss = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return VLMOutput(logits=out.logits, loss=loss, image_features=image_features)
 
     # --- generation -----------------------------------------------------------------------
@@ -322,12 +357,14 @@ class VisionLanguageModel(nn.Module):
         cache = DynamicCache(config=self.language_model.config)
         step_ids = input_ids
         sequences, finished = input_ids, torch.zeros_like(images_seen, dtype=torch.bool)
+        head = self._plain_output_embedding  # then only the last position's logits are computed
         for _ in range(max_new_tokens):
             out = self._language_forward(
                 inputs_embeds,
                 step_ids,
                 media,
                 images_seen,
+                hidden_states_only=head is not None,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
@@ -335,9 +372,8 @@ class VisionLanguageModel(nn.Module):
             )
             if media is not None:
                 images_seen = images_seen + (step_ids == self.image_token_id).sum(1)
-            next_tokens = select_next_token(
-                out.logits[:, -1], do_sample, temperature, top_k, top_p, generator
-            )
+            logits = out.logits[:, -1] if head is None else head(out.last_hidden_state[:, -1])
+            next_tokens = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             next_tokens = torch.where(finished, pad_token_id, next_tokens)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
             finished |= torch.isin(next_tokens, eos_ids)
