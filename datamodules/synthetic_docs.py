@@ -22,7 +22,8 @@ import pyarrow as pa
 from fpdf import FPDF
 from PIL import Image
 
-from datamodules.shard_files import hub_parquet_name, write_parquet, write_tar
+from datamodules.shard_files import HF_FEATURES, write_parquet_shards, write_tar
+from datamodules.shard_files import encode_image as _png
 from datamodules.sources.conversations import CONVERSATION_SCHEMA, DOCMATIX_PDF_SCHEMA
 from datamodules.sources.pdf_documents import render_pdf
 from datamodules.synthetic_content import Layout, draw_scene, draw_text, random_scene, random_words
@@ -30,19 +31,6 @@ from datamodules.synthetic_content import Layout, draw_scene, draw_text, random_
 PAGE_SIZE = (288.0, 216.0)  # points (4 x 3 inches): small pages keep renders cheap
 FONT_SIZE, LINE_HEIGHT, MARGIN = 14.0, 20.0, 18.0
 SAMPLES_PER_SHARD = 16
-
-_VALUE = {"dtype": "string", "_type": "Value"}
-_TEXTS_FEATURE = [{"user": _VALUE, "assistant": _VALUE, "source": _VALUE}]
-HF_FEATURES = {
-    "conversation": {"images": {"feature": {"_type": "Image"}, "_type": "Sequence"}, "texts": _TEXTS_FEATURE},
-    "docmatix_pdf": {"pdf": {"dtype": "binary", "_type": "Value"}, "texts": _TEXTS_FEATURE},
-}
-
-
-def _png(image: Image.Image, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format)
-    return buffer.getvalue()
 
 
 def _chunks(items: list, size: int = SAMPLES_PER_SHARD) -> list[list]:
@@ -52,11 +40,7 @@ def _chunks(items: list, size: int = SAMPLES_PER_SHARD) -> list[list]:
 def _write_parquet_shards(
     folder: Path, rows: list[dict], seed: int, schema: pa.Schema, features: dict
 ) -> list[Path]:
-    chunks = _chunks(rows)
-    return [
-        write_parquet(hub_parquet_name(folder, i, len(chunks), seed), chunk, schema, features)
-        for i, chunk in enumerate(chunks)
-    ]
+    return write_parquet_shards(folder, rows, seed, schema, features, rows_per_shard=SAMPLES_PER_SHARD)
 
 
 # --------------------------------------------------------------------------------------------- PDFs
