@@ -36,6 +36,7 @@ from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
 from vlm.language_model import load_tokenizer
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
 
 #: Seed offset of ``val_synthetic`` shards: validation records come from another random stream than
@@ -143,16 +144,7 @@ def collate_questions(questions: list[Question], processor: VLMProcessor) -> dic
         conversations, images, add_generation_prompt=True, padding_side="left"
     )
     batch: dict[str, Any] = {"answers": [q.answer for q in questions]}
-    for key in (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "pixel_attention_mask",
-        "tiles_per_sample",
-        "tiles_per_image",
-    ):
-        if key in out:
-            batch[f"prompt_{key}"] = out[key]
+    batch.update(prompt_inputs(out))
     return batch
 
 

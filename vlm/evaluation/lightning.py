@@ -34,6 +34,7 @@ from vlm.evaluation.prompts import (
 )
 from vlm.language_model import load_tokenizer
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion
 
 
@@ -81,16 +82,7 @@ def collate_prompts(
         prompts = [plain_text(docs) for _, docs in items]
         out = processor(prompts, images_arg, padding_side="left")
     batch: dict[str, Any] = {"example_index": [index for index, _ in items], "prompts": prompts}
-    for key in (
-        "input_ids",
-        "attention_mask",
-        "pixel_values",
-        "pixel_attention_mask",
-        "tiles_per_sample",
-        "tiles_per_image",
-    ):
-        if key in out:
-            batch[f"prompt_{key}"] = out[key]
+    batch.update(prompt_inputs(out))
     return batch
 
 

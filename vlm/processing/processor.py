@@ -75,6 +75,23 @@ def _images_per_sample(images: ImagesInput | None, texts: list[str] | None) -> l
     return grouped
 
 
+#: The processor outputs a generation call takes (``VisionLanguageModel.generate``'s tensor arguments).
+GENERATION_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "pixel_attention_mask",
+    "tiles_per_sample",
+    "tiles_per_image",
+)
+
+
+def prompt_inputs(encoded: Any) -> dict[str, Any]:
+    """The generation inputs of an encoded (left-padded) prompt batch under the ``prompt_`` prefix, the
+    layout of generation batches (``VLMModule.generate_answers`` reads it), next to training keys."""
+    return {f"prompt_{key}": encoded[key] for key in GENERATION_INPUTS if key in encoded}
+
+
 class VLMProcessor:
     """Tokenizer + ``ImageProcessor`` for Idefics2/Idefics3-style models (any transformers tokenizer).
 
