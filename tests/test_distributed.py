@@ -174,7 +174,7 @@ def test_fsdp2_bf16_cross_attention_new_token_rows_and_a_nonfinite_step_on_one_r
     args = "--strategy fsdp --fusion cross_attention --samples 4 --batch-size 2 --max-steps 4 --lr 3e-3"
     args += " --activation-checkpointing --mixed-precision --nan-at 0 1"
     report = run(tmp_path, "bf16", args, "--policy", json.dumps(policy), torchrun=True)
-    assert report["global_step"] == 4 and report["logits_dtype"] == "torch.bfloat16"
+    assert report["global_step"] == 4 and report["hidden_dtype"] == "torch.bfloat16"
     assert report["nonfinite"] == [[1, 0], [1, 0]]  # (total, consecutive) on each rank
     steps = report["steps"]
     assert steps[1]["hashes"] == steps[0]["hashes"]  # the skipped step changed no weight

@@ -109,22 +109,28 @@ def gather(value: Any) -> list[Any]:
 
 
 class RecordingModule(VLMModule):
-    """VLMModule that records every rank's loss and the weights' hash after each batch, and the logits'
-    dtype (bf16 under FSDP2 mixed precision); ``nan_at`` makes one rank's loss NaN at one step."""
+    """VLMModule that records every rank's loss and the weights' hash after each batch, and the dtype of
+    the language model's last hidden states (bf16 under FSDP2 mixed precision; training computes the loss
+    from them, without logits); ``nan_at`` makes one rank's loss NaN at one step."""
 
     def __init__(self, nan_at: tuple[int, int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.nan_at = nan_at
         self.steps: list[dict[str, Any]] = []
-        self.logits_dtype = ""
+        self.hidden_dtype = ""
         self._loss: Tensor | None = None
 
+    def _record_dtype(self, module: Any, inputs: Any, output: Tensor) -> None:
+        self.hidden_dtype = str(output.dtype)
+
     def forward(self, **batch: Any):
+        if not self.hidden_dtype:  # first call: watch the decoder's final norm (its output feeds the head)
+            self.hidden_dtype = "unset"
+            self.model.language_model.base_model.norm.register_forward_hook(self._record_dtype)
         out = super().forward(**batch)
         if self.training and self.nan_at == (self.global_rank, self.global_step):
             out.loss = out.loss * float("nan")
         self._loss = out.loss.detach()
-        self.logits_dtype = str(out.logits.dtype)
         return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -224,7 +230,7 @@ def main() -> None:
             "global_step": trainer.global_step,
             "steps": module.steps,
             "nonfinite": counters,
-            "logits_dtype": module.logits_dtype,
+            "hidden_dtype": module.hidden_dtype,
             "generated": generated,
             "generated_unsharded": generate(plain, args.fusion),
         }
