@@ -158,8 +158,9 @@ class VLMDataModule(LightningDataModule):
     - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
       ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
       ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``;
-      ``fusion=None`` takes the fusion of the trainer's LightningModule (its ``config.fusion``, as
-      ``VLMModule`` has) in ``setup``, so ``--model.fusion`` alone switches both.
+      ``fusion=None`` (the default) takes the fusion of the trainer's LightningModule (its
+      ``config.fusion``, as ``VLMModule`` has) in ``setup``, so ``--model.fusion`` alone switches both;
+      without a trainer it is ``autoregressive``.
     - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
       ``None`` (conversation sources ``sft``, the others ``pretraining``).
     - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
@@ -180,7 +181,7 @@ class VLMDataModule(LightningDataModule):
         tokenizer: str = "tiny",
         recipe: Literal["idefics2", "idefics3"] = "idefics2",
         image_seq_len: int = 64,
-        fusion: Fusion | None = "autoregressive",
+        fusion: Fusion | None = None,
         image_processor: dict[str, Any] | None = None,
         mode: Mode | dict[str, Mode] | None = None,
         shuffle_turns: bool = False,

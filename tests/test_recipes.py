@@ -548,6 +548,14 @@ def normalised(mixture: dict[str, float], sources: list[str]) -> list[float]:
     return [mixture.get(source, 0.0) / total for source in sources]
 
 
+def test_model_fusion_override_alone_switches_the_data_too(workdir, monkeypatch):
+    """``--model.fusion cross_attention`` on a recipe: the DataModule follows the model (its ``fusion``
+    defaults to the LightningModule's), so the text gets one ``<image>`` marker per image."""
+    cli = run_twin("idefics2", workdir, monkeypatch, "--model.fusion=cross_attention")
+    assert cli.model.config.fusion == cli.datamodule.fusion == "cross_attention"
+    assert cli.trainer.global_step == load("idefics2", tiny=True)["trainer"]["max_steps"]
+
+
 @pytest.mark.parametrize("name", FULL)
 def test_tiny_twin_trains_through_every_stage(name, workdir, monkeypatch):
     cli = run_twin(name, workdir, monkeypatch)

@@ -28,9 +28,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         grad_bias = (
-            torch.zeros_like(bias, dtype=acc)
-            if bias is not None and ctx.needs_input_grad[2]
-            else None
+            torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
         )
         for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
