@@ -237,6 +237,10 @@ def main() -> None:
         args.out.write_text(json.dumps(report))
         if args.weights:
             torch.save({k: v.cpu() for k, v in weights.items()}, args.weights)
+    # No rank may exit while another still uses the process group (else: teardown abort).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
