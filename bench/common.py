@@ -1,9 +1,13 @@
-"""What the training and generation benchmarks share: a small Idefics2 (transformers) and OBELICS-like
-documents with images of mixed sizes, plus transformers' padded batch layout."""
+"""What the benchmarks share: a small Idefics2 (transformers), OBELICS-like documents with images of
+mixed sizes, transformers' padded batch layout, the device/dtype options and interleaved timing."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from transformers import Idefics2Config
@@ -104,3 +108,42 @@ def padded_batch(docs: list[Document]) -> dict[str, torch.Tensor]:
         batch["pixel_values"][row, : doc.n_tiles, :, :h, :w] = doc.pixel_values
         batch["pixel_attention_mask"][row, : doc.n_tiles, :h, :w] = doc.pixel_attention_mask
     return batch
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (cpu, cuda, cuda:N) and ``--dtype`` (float32, bfloat16) for both sides alike."""
+    parser.add_argument("--device", default="cpu", help="where both models run: cpu (default), cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued accelerator work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def interleaved_seconds(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device = torch.device("cpu")
+) -> dict[str, float]:
+    """Median wall time of each run, the runs interleaved within each repeat (so that a change in the
+    machine's load hits both sides alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine(device: torch.device, threads: int) -> str:
+    """One line naming where a benchmark ran, printed above its table."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU, {threads} thread(s), torch {torch.__version__}"

@@ -1,6 +1,7 @@
 """Greedy generation throughput of ``VisionLanguageModel.generate`` against transformers' Idefics2.
 
     python bench/generation.py [--prompts 8] [--new-tokens 48] [--repeats 3] [--threads 2]
+                               [--device cuda] [--dtype bfloat16]
 
 Both models hold the same weights (``vlm.hf.from_transformers``) of the small Idefics2 of
 ``bench/common.py`` and decode greedily with a KV cache, in this process, from the same left-padded
@@ -16,11 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from common import FAKE_TOKEN_ID, IMAGE_TOKEN_ID, LATENTS, PAD_ID, VOCAB, idefics2_config
+from common import (
+    FAKE_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    LATENTS,
+    PAD_ID,
+    VOCAB,
+    add_device_arguments,
+    idefics2_config,
+    interleaved_seconds,
+    machine,
+    to_device,
+)
 from transformers import Idefics2ForConditionalGeneration
 
 from vlm.hf import from_transformers
@@ -73,15 +83,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     reference = Idefics2ForConditionalGeneration(idefics2_config()).eval()
     reference.generation_config.eos_token_id = None
     reference.generation_config.pad_token_id = PAD_ID
     ours = from_transformers(reference).eval()
-    batch = prompts(args.prompts)
+    reference.to(device, dtype)
+    ours.to(device, dtype)
+    batch = to_device(prompts(args.prompts), device)
     n = args.new_tokens
 
     def run_reference() -> torch.Tensor:
@@ -96,15 +110,10 @@ def main() -> None:
     if not torch.equal(expected, got):
         rows = (expected != got).any(1).nonzero().flatten().tolist()
         raise SystemExit(f"greedy tokens differ from transformers' in rows {rows}")
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    for _ in range(args.repeats):
-        for name, run in (("ours", run_ours), ("reference", run_reference)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    new_tokens = args.prompts * n
-    tokens_per_s = {name: new_tokens / statistics.median(t) for name, t in times.items()}
+    seconds = interleaved_seconds({"ours": run_ours, "reference": run_reference}, args.repeats, device)
+    tokens_per_s = {name: args.prompts * n / s for name, s in seconds.items()}
     ratio = tokens_per_s["ours"] / tokens_per_s["reference"]
+    print(f"{machine(device, args.threads)}, {args.dtype}")
     print(
         f"{args.prompts} prompts ({batch['input_ids'].shape[1]} tokens padded, "
         f"{int((batch['pixel_attention_mask'].flatten(2).any(2)).sum())} images) x {n} new tokens; "

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from common import interleaved_seconds
 from PIL import Image, ImageDraw
 from transformers import (
     Idefics2ImageProcessor,
@@ -90,14 +89,8 @@ def returning_tensors(reference: Callable) -> Callable:
 
 def images_per_second(runners: dict[str, Callable], data: list, repeats: int) -> dict[str, float]:
     """Median images/s of each runner over ``repeats`` passes on ``data``, runners interleaved."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for batch in data:
-                run(batch)
-            times[name].append(time.perf_counter() - start)
-    return {name: N_IMAGES / statistics.median(seconds) for name, seconds in times.items()}
+    passes = {name: lambda run=run: [run(batch) for batch in data] for name, run in runners.items()}
+    return {name: N_IMAGES / s for name, s in interleaved_seconds(passes, repeats).items()}
 
 
 def main() -> None:

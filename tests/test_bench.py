@@ -25,7 +25,17 @@ KEYS = {"measure", "ours", "reference", "unit", "ratio", "goal"}
             ["--docs", "8", "--repeats", "1"],
             {"training tokens/s", "training peak memory", "training MFU"},
         ),
+        (
+            "training.py",
+            ["--docs", "8", "--repeats", "1", "--dtype", "bfloat16"],
+            {"training tokens/s", "training peak memory", "training MFU"},
+        ),
         ("generation.py", ["--prompts", "2", "--new-tokens", "4", "--repeats", "1"], {"generation tokens/s"}),
+        (
+            "generation.py",
+            ["--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--dtype", "bfloat16"],
+            {"generation tokens/s"},
+        ),
     ],
 )
 def test_benchmark_runs_and_ends_with_its_json_line(script, args, measures):
