@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from transformers import Idefics2Config
 
+from callbacks.telemetry import synchronize
 from datamodules.packing import Document
 from vlm.config import IGNORE_INDEX
 
@@ -114,12 +115,6 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` (cpu, cuda, cuda:N) and ``--dtype`` (float32, bfloat16) for both sides alike."""
     parser.add_argument("--device", default="cpu", help="where both models run: cpu (default), cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued accelerator work, so that wall-clock times cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

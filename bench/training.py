@@ -15,10 +15,11 @@ all documents on each side, interleaved; the median repeat counts. Tokens/s coun
 tokens. Peak memory: the largest sum of live allocations during one step (on CPU from torch profiler
 memory events, on CUDA ``torch.cuda.max_memory_allocated``), minus what was allocated before it.
 MFU: the useful FLOPs of a pass (counted by ``torch.utils.flop_counter`` on our packed pass) per
-second over the measured peak of a large matmul in the benchmark's dtype on the same device. Before
-timing, our loss on the reference's padded batch must equal the reference's (same weights, same
-unpacked batch; within 1e-4 relative in float32, 1e-2 in bfloat16). The last line printed is a JSON
-list of ``{measure, ours, reference, unit, ratio, goal}`` (ratio > 1 is better for this codebase).
+second over the measured rate of a large matmul in the benchmark's dtype
+(``callbacks.telemetry.measure_peak_flops``) on the same device. Before timing, our loss on the
+reference's padded batch must equal the reference's (same weights, same unpacked batch; within 1e-4
+relative in float32, 1e-2 in bfloat16). The last line printed is a JSON list of ``{measure, ours,
+reference, unit, ratio, goal}`` (ratio > 1 is better for this codebase).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -46,6 +46,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Idefics2ForConditionalGeneration
 
+from callbacks.telemetry import measure_peak_flops
 from datamodules.packing import Document, collate_rows, pack
 from vlm.hf import from_transformers
 
@@ -94,22 +95,6 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
         current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Measured matmul FLOP/s in ``dtype`` on ``device`` (CPU: the current threads), the best of
-    ``repeats``; 2048-square on CPU, 8192-square on an accelerator."""
-    size = 2048 if device.type == "cpu" else 8192
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def pass_flops(model: torch.nn.Module, batches: list[dict]) -> int:
@@ -180,7 +165,7 @@ def main() -> None:
         for name in models
     }
     useful_flops = pass_flops(ours, our_batches)
-    peak = matmul_peak_flops(device, dtype)
+    peak = measure_peak_flops(device, size=2048 if device.type == "cpu" else 8192, dtype=dtype)
 
     throughput = {name: tokens / s for name, s in seconds.items()}
     mfu = {name: useful_flops / s / peak for name, s in seconds.items()}

@@ -38,24 +38,27 @@ def training_flops(module: nn.Module, n_inputs: float, backward_reaches: bool) -
     return (2 * params + 2 * params * backward_reaches + 2 * trainable) * n_inputs
 
 
-def measure_peak_flops(device: torch.device, size: int | None = None, repeats: int = 10) -> float:
-    """Achieved FLOP/s of a square matmul on ``device`` (bf16 on CUDA, fp32 on CPU; ``size`` defaults to
-    8192 on CUDA, 512 on CPU): an MFU denominator for machines whose datasheet peak is unknown (MFU
-    against it reads higher than against the datasheet peak)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def measure_peak_flops(
+    device: torch.device, size: int | None = None, repeats: int = 10, dtype: torch.dtype | None = None
+) -> float:
+    """Achieved FLOP/s of a square matmul on ``device`` (``dtype`` defaults to bf16 on CUDA, fp32 on CPU;
+    ``size`` to 8192 on CUDA, 512 on CPU): an MFU denominator for machines whose datasheet peak is
+    unknown (MFU against it reads higher than against the datasheet peak)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = size or (8192 if device.type == "cuda" else 512)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn_like(a)
     a @ b  # warm-up
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _synchronize(device)
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued accelerator work, so that wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -126,7 +129,7 @@ class Telemetry(Callback):
         return torch.stack([v.to(torch.float64) for v in values])
 
     def _metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         sums = dict(zip(COUNTS, self._sums.tolist()))
         model = pl_module.model

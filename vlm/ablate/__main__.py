@@ -1,0 +1,5 @@
+"""``python -m vlm.ablate``: see ``vlm.ablate``."""
+
+from vlm.ablate.runner import main
+
+main()
