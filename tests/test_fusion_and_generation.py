@@ -164,3 +164,36 @@ def test_stop_strings_and_eos_end_rows():
     assert (eos[1, batch["input_ids"].shape[1] + 1 :] == 3).all()
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(**batch, max_new_tokens=2, stop_strings=["w1"])
+
+
+def test_padded_images_are_encoded_on_their_own_extent_with_the_same_tokens():
+    """Idefics2 recipe (bucketed positions + perceiver): each image of a padded canvas goes through the
+    tower at its own size (same-sized images together), and its visual tokens equal both the canvas
+    encoding (what transformers computes) and the image encoded alone."""
+    model = build("autoregressive")
+    patch = model.vision_tower.patch_size
+    sizes = [(32, 32), (2 * patch, 3 * patch), (3 * patch, 2 * patch), (2 * patch, 3 * patch)]
+    torch.manual_seed(2)
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    pixel_values = torch.zeros(len(images), 3, 32, 32)
+    pixel_mask = torch.zeros(len(images), 32, 32, dtype=torch.long)
+    for i, image in enumerate(images):
+        pixel_values[i, :, : image.shape[1], : image.shape[2]] = image
+        pixel_mask[i, : image.shape[1], : image.shape[2]] = 1
+    seen = []
+    hook = model.vision_tower.register_forward_hook(lambda _, args, __: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        tokens = model.encode_images(pixel_values, pixel_mask)
+        hook.remove()
+        patch_mask = pixel_mask.unfold(1, patch, patch).unfold(2, patch, patch).flatten(3).all(3)
+        canvas = model.connector(
+            model.vision_tower(pixel_values, patch_mask), (32 // patch, 32 // patch), patch_mask.flatten(1)
+        )
+        alone = torch.cat(
+            [model.encode_images(image[None], torch.ones(1, *image.shape[1:])) for image in images]
+        )
+    assert sorted(seen) == sorted(
+        [(1, 3, 32, 32), (2, 3, 2 * patch, 3 * patch), (1, 3, 3 * patch, 2 * patch)]
+    )
+    torch.testing.assert_close(tokens, canvas, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens, alone, atol=1e-5, rtol=0)

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
-from vlm.connectors import build_connector
+from vlm.connectors import PerceiverConnector, build_connector
 from vlm.cross_attention import CrossAttentionFusion, text_image_index
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
@@ -103,7 +103,9 @@ class VisionLanguageModel(nn.Module):
         mask, a canvas that is not a multiple of the patch size is padded up to one (the mask
         declares the padding): transformers' Idefics2 processor makes such canvases (e.g. 980x735)
         and its model drops the partial edge patches, which the ``all`` patch rule masks out here,
-        with the same result. Without a mask such a size is an error.
+        with the same result. Without a mask such a size is an error. Where the padding cannot change
+        the visual tokens (bucketed positions + perceiver, the Idefics2 recipe), each image is
+        encoded on its own real extent rather than the canvas (``_encode_cropped``).
         """
         if pixel_values.dim() == 5:
             flat = pixel_values.flatten(0, 1)
@@ -128,8 +130,46 @@ class VisionLanguageModel(nn.Module):
             patch_mask = patch_attention_mask_from_pixels(
                 pixel_attention_mask, patch, self.config.vision.patch_mask_rule
             )
+        if patch_mask is not None and self._padding_can_be_cropped:
+            return self._encode_cropped(pixel_values, patch_mask)
         features = self.vision_tower(pixel_values, patch_mask)
         return self.connector(features, grid, None if patch_mask is None else patch_mask.flatten(1))
+
+    @property
+    def _padding_can_be_cropped(self) -> bool:
+        """Whether the padded patches of a canvas can be cut off before the tower without changing any
+        visual token: positions from each image's own real patches (``bucketed``) and a connector
+        whose output does not depend on the patch grid (the perceiver's fixed latents)."""
+        return self.config.vision.position_embedding == "bucketed" and isinstance(
+            self.connector, PerceiverConnector
+        )
+
+    def _encode_cropped(self, pixel_values: Tensor, patch_mask: Tensor) -> Tensor:
+        """Encode each image on its own real patch extent instead of the batch's canvas, images of
+        the same extent together: the tower and the perceiver skip the padding (Idefics2 batches
+        pad every image to the largest one), with the same visual tokens as on the canvas."""
+        patch = self.vision_tower.patch_size
+        real_rows, real_cols = patch_mask.any(2), patch_mask.any(1)
+        extents = torch.stack(
+            [
+                real_rows.shape[1] - real_rows.flip(1).int().argmax(1),
+                real_cols.shape[1] - real_cols.flip(1).int().argmax(1),
+            ],
+            dim=1,
+        )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (h, w) in enumerate(extents.tolist()):
+            groups.setdefault((h, w), []).append(index)
+        tokens = None
+        for (h, w), indices in groups.items():
+            index = torch.tensor(indices, device=pixel_values.device)
+            group_mask = patch_mask[index, :h, :w]
+            features = self.vision_tower(pixel_values[index, :, : h * patch, : w * patch], group_mask)
+            group_tokens = self.connector(features, (h, w), group_mask.flatten(1))
+            if tokens is None:
+                tokens = group_tokens.new_empty(len(extents), *group_tokens.shape[1:])
+            tokens[index] = group_tokens
+        return tokens
 
     @property
     def vision_tower_dtype(self) -> torch.dtype:
