@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlm.config import CrossAttentionConfig, LanguageConfig, get_preset
 from vlm.model import VisionLanguageModel
+from vlm.vision import size_groups
 
 SMALL = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
@@ -166,13 +167,17 @@ def test_stop_strings_and_eos_end_rows():
         model.generate(**batch, max_new_tokens=2, stop_strings=["w1"])
 
 
-def test_padded_images_are_encoded_on_their_own_extent_with_the_same_tokens():
+@pytest.mark.parametrize("max_size_groups", [8, 2, 1])
+def test_padded_images_are_encoded_on_their_own_extent_with_the_same_tokens(max_size_groups):
     """Idefics2 recipe (bucketed positions + perceiver): each image of a padded canvas goes through the
-    tower at its own size (same-sized images together), and its visual tokens equal both the canvas
-    encoding (what transformers computes) and the image encoded alone."""
+    tower at its own size (same-sized images together; with fewer groups allowed, extents merge, and
+    ``max_size_groups=1`` is the plain canvas), and its visual tokens equal both the canvas encoding
+    (what transformers computes) and the image encoded alone."""
     model = build("autoregressive")
+    model.config.vision.max_size_groups = max_size_groups
     patch = model.vision_tower.patch_size
-    sizes = [(32, 32), (2 * patch, 3 * patch), (3 * patch, 2 * patch), (2 * patch, 3 * patch)]
+    small, large = 2 * patch, 3 * patch
+    sizes = [(32, 32), (small, large), (large, small), (small, large)]
     torch.manual_seed(2)
     images = [torch.randn(3, h, w) for h, w in sizes]
     pixel_values = torch.zeros(len(images), 3, 32, 32)
@@ -192,8 +197,20 @@ def test_padded_images_are_encoded_on_their_own_extent_with_the_same_tokens():
         alone = torch.cat(
             [model.encode_images(image[None], torch.ones(1, *image.shape[1:])) for image in images]
         )
-    assert sorted(seen) == sorted(
-        [(1, 3, 32, 32), (2, 3, 2 * patch, 3 * patch), (1, 3, 3 * patch, 2 * patch)]
-    )
+    expected_calls = {
+        8: [(1, 3, 32, 32), (2, 3, small, large), (1, 3, large, small)],
+        2: [(1, 3, 32, 32), (3, 3, large, large)],  # the two 2x3 / 3x2 extents merge into 3x3
+        1: [(4, 3, 32, 32)],
+    }
+    assert sorted(seen) == sorted(expected_calls[max_size_groups])
     torch.testing.assert_close(tokens, canvas, atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens, alone, atol=1e-5, rtol=0)
+
+
+def test_size_groups_merge_neighbouring_extents_beyond_the_limit():
+    extents = [(4, 4), (2, 3), (3, 2), (2, 3), (1, 1)]
+    assert size_groups(extents, 8) == [((1, 1), [4]), ((2, 3), [1, 3]), ((3, 2), [2]), ((4, 4), [0])]
+    assert size_groups(extents, 2) == [((2, 3), [4, 1, 3]), ((4, 4), [2, 0])]
+    assert size_groups(extents, 1) == [((4, 4), [4, 1, 3, 2, 0])]
+    with pytest.raises(ValueError, match="max_size_groups"):
+        size_groups(extents, 0)

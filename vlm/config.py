@@ -36,7 +36,11 @@ class VisionConfig:
     multiple of ``patch_size`` are accepted. ``position_embedding``: ``bucketed`` maps each patch's
     fractional coordinates to the nearest grid cell (NaViT / Idefics2); ``interpolated`` resizes
     the grid bicubically (timm). ``patch_mask_rule``: a patch of a padded image is attended to if
-    ``all`` its pixels are real (Idefics2) or ``any`` is (Idefics3).
+    ``all`` its pixels are real (Idefics2) or ``any`` is (Idefics3). ``max_size_groups``: where
+    padding cannot change the visual tokens (``bucketed`` positions with the perceiver connector),
+    padded images are encoded on their own patch extent in at most this many tower calls per batch
+    (images of different extents merge, padded to the larger, beyond it; each call re-gathers the
+    tower's weights under FSDP); 1 encodes the whole padded canvas in one call.
     """
 
     backend: Literal["siglip", "timm", "open_clip"] = "siglip"
@@ -51,6 +55,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     position_embedding: Literal["bucketed", "interpolated"] = "bucketed"
     patch_mask_rule: Literal["all", "any"] = "all"
+    max_size_groups: int = 8
     pretrained: str | None = None
 
 

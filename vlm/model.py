@@ -25,7 +25,7 @@ from vlm.cross_attention import CrossAttentionFusion, text_image_index
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
 from vlm.loss import linear_cross_entropy
-from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels
+from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels, size_groups
 
 #: transformers causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping, scaling).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
@@ -140,14 +140,16 @@ class VisionLanguageModel(nn.Module):
         """Whether the padded patches of a canvas can be cut off before the tower without changing any
         visual token: positions from each image's own real patches (``bucketed``) and a connector
         whose output does not depend on the patch grid (the perceiver's fixed latents)."""
-        return self.config.vision.position_embedding == "bucketed" and isinstance(
-            self.connector, PerceiverConnector
+        return (
+            self.config.vision.max_size_groups > 1
+            and self.config.vision.position_embedding == "bucketed"
+            and isinstance(self.connector, PerceiverConnector)
         )
 
     def _encode_cropped(self, pixel_values: Tensor, patch_mask: Tensor) -> Tensor:
-        """Encode each image on its own real patch extent instead of the batch's canvas, images of
-        the same extent together: the tower and the perceiver skip the padding (Idefics2 batches
-        pad every image to the largest one), with the same visual tokens as on the canvas."""
+        """Encode each image on its own real patch extent instead of the batch's canvas, in at most
+        ``vision.max_size_groups`` tower calls (``size_groups``): the tower and the perceiver skip the
+        padding (Idefics2 batches pad every image to the largest one), with the same visual tokens."""
         patch = self.vision_tower.patch_size
         real_rows, real_cols = patch_mask.any(2), patch_mask.any(1)
         extents = torch.stack(
@@ -157,11 +159,8 @@ class VisionLanguageModel(nn.Module):
             ],
             dim=1,
         )
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, (h, w) in enumerate(extents.tolist()):
-            groups.setdefault((h, w), []).append(index)
         tokens = None
-        for (h, w), indices in groups.items():
+        for (h, w), indices in size_groups(extents.tolist(), self.config.vision.max_size_groups):
             index = torch.tensor(indices, device=pixel_values.device)
             group_mask = patch_mask[index, :h, :w]
             features = self.vision_tower(pixel_values[index, :, : h * patch, : w * patch], group_mask)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import open_clip
@@ -64,6 +65,28 @@ def patch_attention_mask_from_pixels(
     if rule == "any":
         return real_pixels > 0
     raise ValueError(f"Unknown patch mask rule {rule!r}; valid rules: 'all' (Idefics2), 'any' (Idefics3).")
+
+
+def size_groups(
+    extents: Sequence[tuple[int, int]], max_groups: int
+) -> list[tuple[tuple[int, int], list[int]]]:
+    """Images grouped for encoding by their (rows, columns) patch extent, as ``(extent, indices)``.
+
+    Images of one extent form one group; beyond ``max_groups`` distinct extents, neighbouring ones (in
+    order of area) are merged into ``max_groups`` groups, each padded to its largest rows and columns.
+    """
+    if max_groups < 1:
+        raise ValueError(f"vision.max_size_groups must be >= 1 (got {max_groups}).")
+    by_extent: dict[tuple[int, int], list[int]] = {}
+    for index, extent in enumerate(extents):
+        by_extent.setdefault(tuple(extent), []).append(index)
+    ordered = sorted(by_extent, key=lambda e: (e[0] * e[1], e))
+    n = min(max_groups, len(ordered))
+    chunks = [ordered[round(k * len(ordered) / n) : round((k + 1) * len(ordered) / n)] for k in range(n)]
+    return [
+        ((max(h for h, _ in chunk), max(w for _, w in chunk)), [i for e in chunk for i in by_extent[e]])
+        for chunk in chunks
+    ]
 
 
 def bucketed_position_ids(patch_attention_mask: Tensor, num_patches_per_side: int) -> Tensor:
