@@ -214,3 +214,5 @@ def test_size_groups_merge_neighbouring_extents_beyond_the_limit():
     assert size_groups(extents, 1) == [((4, 4), [4, 1, 3, 2, 0])]
     with pytest.raises(ValueError, match="max_size_groups"):
         size_groups(extents, 0)
+    with pytest.raises(ValueError, match=r"vision\.max_size_groups must be >= 1"):
+        dataclasses.replace(get_preset("idefics2-tiny").vision, max_size_groups=0)

@@ -58,6 +58,13 @@ class VisionConfig:
     max_size_groups: int = 8
     pretrained: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_size_groups < 1:
+            raise ValueError(
+                f"vision.max_size_groups must be >= 1 (got {self.max_size_groups}); "
+                "1 encodes the padded canvas in one call."
+            )
+
 
 @dataclass
 class ConnectorConfig:
