@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlm.config import CrossAttentionConfig, LanguageConfig, get_preset
+from vlm.cross_attention import find_decoder_layers
 from vlm.model import VisionLanguageModel
 from vlm.vision import size_groups
 
@@ -121,6 +122,25 @@ def test_generate_encodes_images_once():
     model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
     model.generate(**prompt(model), max_new_tokens=4)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("fusion", "family", "through_transformers"),
+    [
+        ("autoregressive", "mistral", False),
+        ("autoregressive", "gpt2", True),
+        ("cross_attention", "mistral", True),
+    ],
+)
+def test_generate_decodes_llama_family_models_with_the_cached_decoder(fusion, family, through_transformers):
+    """Autoregressive Llama-family models decode through vlm.decoder.CachedDecoder (their transformers
+    decoder layers never run); other LMs and cross-attention fusion through transformers' modules."""
+    model = build(fusion, family=family)
+    calls = []
+    for layer in find_decoder_layers(model.language_model):
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    model.generate(**prompt(model), max_new_tokens=3)
+    assert bool(calls) == through_transformers
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():

@@ -9,7 +9,7 @@ KV cache, encoding the images once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
 from vlm.connectors import PerceiverConnector, build_connector
 from vlm.cross_attention import CrossAttentionFusion, text_image_index
+from vlm.decoder import CachedDecoder, unsupported_reason
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
 from vlm.loss import linear_cross_entropy
@@ -391,15 +392,49 @@ class VisionLanguageModel(nn.Module):
             None if pixel_values is None else self.encode_images(pixel_values, pixel_attention_mask)
         )
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
+        if media is None and unsupported_reason(self.language_model) is None:
+            decoder = CachedDecoder(self.language_model, *input_ids.shape, max_new_tokens)
+            logits = decoder.prefill(inputs_embeds, attention_mask)
+            embed_tokens = self.language_model.get_input_embeddings()
+
+            def advance(step_ids: Tensor) -> Tensor:
+                return decoder.step(embed_tokens(step_ids))
+
+        else:
+            logits, advance = self._transformers_decoding(input_ids, attention_mask, inputs_embeds, media)
+        sequences = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_tokens = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            next_tokens = torch.where(finished, pad_token_id, next_tokens)
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            finished |= torch.isin(next_tokens, eos_ids)
+            if stops is not None:
+                finished |= stops(sequences[:, input_ids.shape[1] :])
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            logits = advance(next_tokens[:, None])
+        return sequences
+
+    def _transformers_decoding(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        inputs_embeds: Tensor,
+        media: CrossAttentionMedia | None,
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Prefill through transformers' own modules and a ``DynamicCache`` (for cross-attention fusion
+        and the language models ``CachedDecoder`` does not run): the prompt's last logits, and a
+        function from each step's new tokens (rows, 1) to their logits."""
+        cache = DynamicCache(config=self.language_model.config)
+        head = self._plain_output_embedding  # then only the last position's logits are computed
         images_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.language_model.config)
-        step_ids = input_ids
-        sequences, finished = input_ids, torch.zeros_like(images_seen, dtype=torch.bool)
-        head = self._plain_output_embedding  # then only the last position's logits are computed
-        for _ in range(max_new_tokens):
+
+        def run(step_ids: Tensor, step_embeds: Tensor) -> Tensor:
+            nonlocal images_seen
             out = self._language_forward(
-                inputs_embeds,
+                step_embeds,
                 step_ids,
                 media,
                 images_seen,
@@ -411,19 +446,14 @@ class VisionLanguageModel(nn.Module):
             )
             if media is not None:
                 images_seen = images_seen + (step_ids == self.image_token_id).sum(1)
-            logits = out.logits[:, -1] if head is None else head(out.last_hidden_state[:, -1])
-            next_tokens = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            next_tokens = torch.where(finished, pad_token_id, next_tokens)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            finished |= torch.isin(next_tokens, eos_ids)
-            if stops is not None:
-                finished |= stops(sequences[:, input_ids.shape[1] :])
-            if finished.all():
-                break
-            step_ids = next_tokens[:, None]
-            inputs_embeds = self.language_model.get_input_embeddings()(step_ids)
+            return out.logits[:, -1] if head is None else head(out.last_hidden_state[:, -1])
+
+        def advance(step_ids: Tensor) -> Tensor:
+            nonlocal attention_mask, position_ids
             attention_mask = torch.cat(
                 [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
             )
             position_ids = position_ids[:, -1:] + 1
-        return sequences
+            return run(step_ids, self.language_model.get_input_embeddings()(step_ids))
+
+        return run(input_ids, inputs_embeds), advance
