@@ -129,7 +129,8 @@ def test_generate_encodes_images_once():
     [
         ("autoregressive", "mistral", False),
         ("autoregressive", "gpt2", True),
-        ("cross_attention", "mistral", True),
+        ("cross_attention", "mistral", False),
+        ("cross_attention", "gpt2", True),
     ],
 )
 def test_generate_decodes_llama_family_models_with_the_cached_decoder(fusion, family, through_transformers):

@@ -7,7 +7,8 @@ allocated once for the whole generation, and prefills every prompt without its p
 alone, causal, no mask). The arithmetic is transformers': the same RMSNorm, rotary embedding
 (the model's own ``rotary_emb``, so rope scaling carries over), grouped-query attention with
 the model's sliding windows, SiLU-gated MLP and output embedding (tests compare logits and
-greedy tokens). Models it does not cover (``unsupported_reason``) decode through transformers.
+greedy tokens). Gated cross-attention blocks (Flamingo-style fusion) run before their layers.
+Models it does not cover (``unsupported_reason``) decode through transformers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+from vlm.cross_attention import CrossAttentionFusion, GatedCrossAttentionBlock
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _PROJECTIONS = {
@@ -74,10 +77,17 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class _Layer:
-    """One decoder layer: its modules (weights read in place), its part of the KV cache, and whether
-    it attends within the model's sliding window."""
+    """One decoder layer: its modules (weights read in place), its part of the KV cache, whether it
+    attends within the model's sliding window, and the cross-attention block run before it, if any."""
 
-    def __init__(self, layer: nn.Module, cache_shape: tuple[int, ...], sliding: bool) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        cache_shape: tuple[int, ...],
+        sliding: bool,
+        cross_attention: GatedCrossAttentionBlock | None,
+    ) -> None:
+        self.cross_attention = cross_attention
         self.attn, self.mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.sliding = sliding
@@ -109,11 +119,18 @@ class CachedDecoder:
     of its last one (rows, vocab); each ``step(inputs_embeds)`` (rows, 1, hidden) appends one token
     per row and returns its logits, up to ``max_new_tokens`` steps. Cache slots mirror the padded
     prompt (padding slots stay masked), then one slot per step. The weights are the model's own,
-    read in place.
+    read in place. With ``cross_attention`` (the model's ``CrossAttentionFusion``), its gated blocks
+    run before their decoder layers, attending to the ``media`` given to ``prefill``, each text
+    position to the images its ``text_image_index`` allows (as ``GatedCrossAttentionBlock``).
     """
 
     def __init__(
-        self, language_model: PreTrainedModel, rows: int, prompt_length: int, max_new_tokens: int
+        self,
+        language_model: PreTrainedModel,
+        rows: int,
+        prompt_length: int,
+        max_new_tokens: int,
+        cross_attention: CrossAttentionFusion | None = None,
     ) -> None:
         reason = unsupported_reason(language_model)
         if reason is not None:
@@ -125,10 +142,16 @@ class CachedDecoder:
         layer_types = getattr(config, "layer_types", None) or ["sliding_attention"] * len(base.layers)
         capacity = prompt_length + max_new_tokens
         cache_shape = (rows, config.num_key_value_heads, capacity, self.head_dim)
+        blocks = (
+            {}
+            if cross_attention is None
+            else dict(zip(cross_attention.layer_indices, cross_attention.blocks))
+        )
         self.layers = [
-            _Layer(layer, cache_shape, self.window is not None and kind == "sliding_attention")
-            for layer, kind in zip(base.layers, layer_types)
+            _Layer(layer, cache_shape, self.window is not None and kind == "sliding_attention", blocks.get(i))
+            for i, (layer, kind) in enumerate(zip(base.layers, layer_types))
         ]
+        self.media: tuple[Tensor, Tensor] | None = None
         self.norm, self.rotary = base.norm, base.rotary_emb
         self.head = language_model.get_output_embeddings()
         device = self.head.weight.device
@@ -145,8 +168,27 @@ class CachedDecoder:
     def _logits(self, hidden: Tensor) -> Tensor:
         return _linear(_rms_norm(hidden, self.norm), self.head)
 
-    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        """Run each row's real tokens (``attention_mask`` 1) alone into the cache; their last logits."""
+    def _cross_attend(
+        self, layer: _Layer, hidden: Tensor, rows: slice, text_image_index: Tensor | None
+    ) -> Tensor:
+        if layer.cross_attention is None:
+            return hidden
+        if self.media is None or text_image_index is None:
+            raise ValueError("this decoder has cross-attention blocks: pass media and text_image_index.")
+        media, media_image_index = self.media
+        block = layer.cross_attention
+        return block(hidden, media[rows].to(block.attn_gate.dtype), media_image_index[rows], text_image_index)
+
+    def prefill(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        media: tuple[Tensor, Tensor] | None = None,
+        text_image_index: Tensor | None = None,
+    ) -> Tensor:
+        """Run each row's real tokens (``attention_mask`` 1) alone into the cache; their last logits.
+        ``media`` = (visual tokens (rows, tokens, dim), their image ordinals (rows, tokens)) and
+        ``text_image_index`` (rows, length) condition the cross-attention blocks, if any."""
         rows, length = attention_mask.shape
         if rows != self.filled.shape[0] or length > self.filled.shape[1]:
             raise ValueError(
@@ -157,6 +199,7 @@ class CachedDecoder:
         self.slot_positions[:, :length] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.next_positions = attention_mask.long().sum(1, keepdim=True)
         self.length = length
+        self.media = media
         last = []
         for row in range(rows):
             slots = self.filled[row, :length].nonzero().squeeze(1)
@@ -167,7 +210,9 @@ class CachedDecoder:
                 distance = torch.arange(len(slots), device=slots.device)
                 distance = distance[:, None] - distance[None]
                 window_mask = (distance >= 0) & (distance < self.window)
+            row_images = None if text_image_index is None else text_image_index[row : row + 1, slots]
             for layer in self.layers:
+                hidden = self._cross_attend(layer, hidden, slice(row, row + 1), row_images)
                 q, k, v = layer.project(hidden, cos[:, None], sin[:, None], self.head_dim)
                 layer.keys[row, :, slots] = k[0]
                 layer.values[row, :, slots] = v[0]
@@ -177,8 +222,9 @@ class CachedDecoder:
             last.append(hidden[:, -1])
         return self._logits(torch.cat(last))
 
-    def step(self, inputs_embeds: Tensor) -> Tensor:
-        """Append one token per row (``inputs_embeds`` (rows, 1, hidden)); its logits (rows, vocab)."""
+    def step(self, inputs_embeds: Tensor, text_image_index: Tensor | None = None) -> Tensor:
+        """Append one token per row (``inputs_embeds`` (rows, 1, hidden)); its logits (rows, vocab).
+        ``text_image_index`` (rows, 1): the images each new token may attend to (cross-attention)."""
         slot = self.length
         if slot >= self.filled.shape[1]:
             raise ValueError(
@@ -198,6 +244,7 @@ class CachedDecoder:
         cos, sin = self.rotary(inputs_embeds, positions)
         hidden = inputs_embeds
         for layer in self.layers:
+            hidden = self._cross_attend(layer, hidden, slice(None), text_image_index)
             q, k, v = layer.project(hidden, cos[:, None], sin[:, None], self.head_dim)
             layer.keys[:, :, slot : slot + 1] = k
             layer.values[:, :, slot : slot + 1] = v

@@ -392,14 +392,10 @@ class VisionLanguageModel(nn.Module):
             None if pixel_values is None else self.encode_images(pixel_values, pixel_attention_mask)
         )
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
-        if media is None and unsupported_reason(self.language_model) is None:
-            decoder = CachedDecoder(self.language_model, *input_ids.shape, max_new_tokens)
-            logits = decoder.prefill(inputs_embeds, attention_mask)
-            embed_tokens = self.language_model.get_input_embeddings()
-
-            def advance(step_ids: Tensor) -> Tensor:
-                return decoder.step(embed_tokens(step_ids))
-
+        if unsupported_reason(self.language_model) is None:
+            logits, advance = self._cached_decoding(
+                input_ids, attention_mask, inputs_embeds, media, max_new_tokens
+            )
         else:
             logits, advance = self._transformers_decoding(input_ids, attention_mask, inputs_embeds, media)
         sequences = input_ids
@@ -416,6 +412,33 @@ class VisionLanguageModel(nn.Module):
             logits = advance(next_tokens[:, None])
         return sequences
 
+    def _cached_decoding(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        inputs_embeds: Tensor,
+        media: CrossAttentionMedia | None,
+        max_new_tokens: int,
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Prefill through ``vlm.decoder.CachedDecoder``: the prompt's last logits, and a function from
+        each step's new tokens (rows, 1) to their logits."""
+        fusion = None if media is None else self.cross_attention
+        decoder = CachedDecoder(self.language_model, *input_ids.shape, max_new_tokens, fusion)
+        embed_tokens = self.language_model.get_input_embeddings()
+        image_markers = input_ids == self.image_token_id
+        images_seen = image_markers.sum(1)
+        conditioning = None if media is None else (media.media, media.media_image_index)
+        logits = decoder.prefill(inputs_embeds, attention_mask, conditioning, text_image_index(image_markers))
+
+        def advance(step_ids: Tensor) -> Tensor:
+            nonlocal images_seen
+            step_markers = step_ids == self.image_token_id
+            step_index = text_image_index(step_markers, images_seen)
+            images_seen = images_seen + step_markers.sum(1)
+            return decoder.step(embed_tokens(step_ids), step_index)
+
+        return logits, advance
+
     def _transformers_decoding(
         self,
         input_ids: Tensor,
@@ -423,9 +446,9 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds: Tensor,
         media: CrossAttentionMedia | None,
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """Prefill through transformers' own modules and a ``DynamicCache`` (for cross-attention fusion
-        and the language models ``CachedDecoder`` does not run): the prompt's last logits, and a
-        function from each step's new tokens (rows, 1) to their logits."""
+        """Prefill through transformers' own modules and a ``DynamicCache`` (for the language models
+        ``CachedDecoder`` does not run): the prompt's last logits, and a function from each step's new
+        tokens (rows, 1) to their logits."""
         cache = DynamicCache(config=self.language_model.config)
         head = self._plain_output_embedding  # then only the last position's logits are computed
         images_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
