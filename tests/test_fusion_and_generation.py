@@ -134,8 +134,8 @@ def test_generate_encodes_images_once():
     ],
 )
 def test_generate_decodes_llama_family_models_with_the_cached_decoder(fusion, family, through_transformers):
-    """Autoregressive Llama-family models decode through vlm.decoder.CachedDecoder (their transformers
-    decoder layers never run); other LMs and cross-attention fusion through transformers' modules."""
+    """Llama-family models decode through vlm.decoder.CachedDecoder with either fusion (their
+    transformers decoder layers never run); other LMs through transformers' modules."""
     model = build(fusion, family=family)
     calls = []
     for layer in find_decoder_layers(model.language_model):

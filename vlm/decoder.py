@@ -4,8 +4,8 @@ transformers runs a decode step through its generic modules: per layer about 270
 cache objects, mask builders and keyword plumbing around the ~20 that compute. ``CachedDecoder``
 runs the same layers of a Llama, Mistral or Qwen2 model from the model's own weights, over a cache
 allocated once for the whole generation, and prefills every prompt without its padding (each row
-alone, causal, no mask). The arithmetic is transformers': the same RMSNorm, rotary embedding
-(the model's own ``rotary_emb``, so rope scaling carries over), grouped-query attention with
+alone, causal, no mask). The arithmetic is transformers': the model's own RMSNorm modules and
+rotary embedding (``rotary_emb``, so rope scaling carries over), grouped-query attention with
 the model's sliding windows, SiLU-gated MLP and output embedding (tests compare logits and
 greedy tokens). Gated cross-attention blocks (Flamingo-style fusion) run before their layers.
 Models it does not cover (``unsupported_reason``) decode through transformers.
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vlm.cross_attention import CrossAttentionFusion, GatedCrossAttentionBlock
 
@@ -64,18 +65,6 @@ def _linear(x: Tensor, linear: nn.Linear) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
-    """transformers' Llama RMSNorm: normalise in float32, cast back, scale."""
-    hidden = x.float()
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * hidden.to(x.dtype)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-
 class _Layer:
     """One decoder layer: its modules (weights read in place), its part of the KV cache, whether it
     attends within the model's sliding window, and the cross-attention block run before it, if any."""
@@ -95,19 +84,21 @@ class _Layer:
         self.values = torch.zeros_like(self.keys)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, rotated keys and values (rows, heads, new, head_dim) of ``x`` (rows, new, hidden)."""
+        """Rotated queries and keys, and values (rows, heads, new, head_dim) of ``x`` (rows, new, hidden);
+        ``cos``/``sin`` (rows, new, head_dim) from the model's ``rotary_emb``."""
         rows, new = x.shape[:2]
-        h = _rms_norm(x, self.input_norm)
+        h = self.input_norm(x)
         q, k, v = (
             _linear(h, proj).view(rows, new, -1, head_dim).transpose(1, 2)
             for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
         )
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
 
     def finish(self, x: Tensor, attended: Tensor) -> Tensor:
         """The layer's output from its input ``x`` and the attention output (rows, heads, new, head_dim)."""
         x = x + _linear(attended.transpose(1, 2).flatten(2), self.attn.o_proj)
-        h = _rms_norm(x, self.post_attention_norm)
+        h = self.post_attention_norm(x)
         mlp = self.mlp
         return x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
 
@@ -166,7 +157,7 @@ class CachedDecoder:
         )
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        return _linear(_rms_norm(hidden, self.norm), self.head)
+        return _linear(self.norm(hidden), self.head)
 
     def _cross_attend(
         self, layer: _Layer, hidden: Tensor, rows: slice, text_image_index: Tensor | None
@@ -213,7 +204,7 @@ class CachedDecoder:
             row_images = None if text_image_index is None else text_image_index[row : row + 1, slots]
             for layer in self.layers:
                 hidden = self._cross_attend(layer, hidden, slice(row, row + 1), row_images)
-                q, k, v = layer.project(hidden, cos[:, None], sin[:, None], self.head_dim)
+                q, k, v = layer.project(hidden, cos, sin, self.head_dim)
                 layer.keys[row, :, slots] = k[0]
                 layer.values[row, :, slots] = v[0]
                 hidden = layer.finish(
@@ -245,7 +236,7 @@ class CachedDecoder:
         hidden = inputs_embeds
         for layer in self.layers:
             hidden = self._cross_attend(layer, hidden, slice(None), text_image_index)
-            q, k, v = layer.project(hidden, cos[:, None], sin[:, None], self.head_dim)
+            q, k, v = layer.project(hidden, cos, sin, self.head_dim)
             layer.keys[:, :, slot : slot + 1] = k
             layer.values[:, :, slot : slot + 1] = v
             keys, values = layer.keys[:, :, : slot + 1], layer.values[:, :, : slot + 1]

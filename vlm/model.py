@@ -425,9 +425,12 @@ class VisionLanguageModel(nn.Module):
         fusion = None if media is None else self.cross_attention
         decoder = CachedDecoder(self.language_model, *input_ids.shape, max_new_tokens, fusion)
         embed_tokens = self.language_model.get_input_embeddings()
+        if media is None:
+            logits = decoder.prefill(inputs_embeds, attention_mask)
+            return logits, lambda step_ids: decoder.step(embed_tokens(step_ids))
         image_markers = input_ids == self.image_token_id
         images_seen = image_markers.sum(1)
-        conditioning = None if media is None else (media.media, media.media_image_index)
+        conditioning = (media.media, media.media_image_index)
         logits = decoder.prefill(inputs_embeds, attention_mask, conditioning, text_image_index(image_markers))
 
         def advance(step_ids: Tensor) -> Tensor:
