@@ -10,11 +10,11 @@ a batch prefetched. Lightning 2.6 has no public way to re-create the train datal
 boundary (``reload_dataloaders_every_n_epochs`` acts at epoch starts, and the training stream is
 one endless epoch), so ``restart_train_stream`` re-iterates the fit loop's data fetcher (its
 ``iter()`` makes a fresh loader iterator, new workers included, and prefetches again). The
-``ResumableLoader`` then starts a new data epoch (a fresh deterministic shuffle) rather than
-fast-forwarding through the samples already seen, which would re-encode all of them at the new
-resolution. Every batch from the scheduled step on is at the new resolution, whatever
-``num_workers``. Resume is exact: the loader checkpoints its epoch and position, the DataModule its
-``max_resolution``, this callback the resolution it applied (``state_dict``).
+``ResumableLoader`` then starts a new segment of its stream: each partition continues after the
+window it was in (``datamodules.streaming``), so nothing before is replayed. Every batch from the
+scheduled step on is at the new resolution, whatever ``num_workers``. Resume is exact: the loader
+checkpoints its position and the settings it belongs to, the DataModule its ``max_resolution``,
+this callback the resolution it applied (``state_dict``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from datamodules.streaming import ResumableLoader
-
 
 def restart_train_stream(trainer: Trainer) -> None:
-    """Make the fit loop's next batch come from a new iteration of the train loader (a new data epoch for
+    """Make the fit loop's next batch come from a new iteration of the train loader (a new segment for
     a ``ResumableLoader``), so that changes to the data pipeline reach workers and buffers now.
 
     Uses ``trainer.fit_loop._data_fetcher`` (private): Lightning 2.6 offers no public step-level reload.
@@ -37,9 +35,6 @@ def restart_train_stream(trainer: Trainer) -> None:
     fetcher = trainer.fit_loop._data_fetcher
     if fetcher is None:
         return
-    loader = trainer.train_dataloader
-    if isinstance(loader, ResumableLoader):
-        loader.set_epoch(loader.dataset.epoch + 1)
     iter(fetcher)
 
 

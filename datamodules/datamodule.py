@@ -1,13 +1,15 @@
 """``VLMDataModule``: a YAML-configurable LightningDataModule, shards -> mixture -> encode -> pack -> batches.
 
-Training data is an endless weighted mixture (``MixtureStream``; train length is set in steps),
-encoded by ``SampleEncoder`` and packed into rows of ``max_seq_len`` tokens and at most
-``max_tiles_per_row`` tiles (``PackedStream``), served by a ``ResumableLoader`` whose state
-Lightning stores in every checkpoint: ``fit(ckpt_path=...)`` continues with exactly the batches
-the interrupted run would have seen (same world size, ``num_workers`` and ``batch_size``). The
-DataModule's own ``state_dict`` keeps what callbacks changed (mixture weights, maximum
-resolution), restored before the loader is built. Validation data (``val_sources``) is read once,
-in order, per validation run: packed like training (``val/loss``) or, with ``val_generate``, as
+Training data is an endless weighted mixture in canonical partitions (``datamodules.order``; train
+length is set in steps), encoded by ``SampleEncoder`` and packed window by window into rows of
+``max_seq_len`` tokens and at most ``max_tiles_per_row`` tiles (``RowPacker``), served by a
+``ResumableLoader`` whose state Lightning stores in every checkpoint: ``fit(ckpt_path=...)`` seeks
+to exactly where the interrupted run was and continues with the same global batches, also on
+another number of devices or workers (``datamodules.streaming``). ``prepare_data`` indexes the
+shards (``datamodules.index``). The DataModule's own ``state_dict`` keeps what callbacks changed
+(mixture weights, maximum resolution, row length), restored before the loader is built.
+Validation data (``val_sources``) is read once, in order, per validation run: packed like
+training (``val/loss``) or, with ``val_generate``, as
 one prompt per question of each conversation (``val/acc``, see ``GenerationValDataset``).
 ``synthetic`` / ``val_synthetic`` write miniature shards (``datamodules.synthetic.write_shards``)
 under ``data_root`` in ``prepare_data`` when they are absent (the CPU demo).
@@ -20,18 +22,23 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from functools import cached_property, partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.encoding import Mode, SampleEncoder
+from datamodules.index import index_shards
 from datamodules.mixture import MixtureConfig, SourceConfig
-from datamodules.packing import PackedStream, collate_rows
+from datamodules.packing import RowPacker, collate_rows
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats
-from datamodules.streaming import ResumableLoader, ResumableStream, ShardedSampleStream
+from datamodules.sources import expand_urls
+from datamodules.sources.base import RecordStats, get_reader
+from datamodules.sources.shard_io import ShardIO
+from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
 from vlm.language_model import load_tokenizer
@@ -52,28 +59,49 @@ def expand_env(source: dict[str, Any]) -> dict[str, Any]:
     return {**source, "urls": expanded}
 
 
-class SequentialStream(ResumableStream):
-    """Every sample of the given sources once, source after source (validation), with their
-    ``max_seq_len`` / ``max_image_resolution`` in ``meta`` as ``MixtureStream`` sets them."""
+def consumer_slot() -> tuple[int, int]:
+    """``(consumer, consumers)`` of the calling process: ranks x dataloader workers."""
+    initialised = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+    info = get_worker_info()
+    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return rank * workers + worker, world_size * workers
 
-    def __init__(self, sources: Sequence[SourceConfig], streams: Sequence[ShardedSampleStream]) -> None:
-        super().__init__()
-        self.sources, self.streams = list(sources), list(streams)
 
-    def iter_epoch(self, epoch: int) -> Iterator[Sample]:
-        for config, stream in zip(self.sources, self.streams):
-            for sample in stream.iter_epoch(epoch):
-                limits = {
-                    "max_seq_len": config.max_seq_len,
-                    "max_image_resolution": config.max_image_resolution,
-                }
+class SequentialStream(IterableDataset):
+    """Every sample of the given sources once, source after source, in shard order (validation), with
+    their ``max_seq_len`` / ``max_image_resolution`` in ``meta``. Ranks and workers read disjoint
+    shards (disjoint samples when there are fewer shards than readers)."""
+
+    def __init__(self, sources: Sequence[SourceConfig], io: ShardIO | None = None) -> None:
+        self.sources, self.io = list(sources), io or ShardIO()
+        self.stats = {s.source: RecordStats() for s in self.sources}
+
+    def __iter__(self) -> Iterator[Sample]:
+        consumer, consumers = consumer_slot()
+        for config in self.sources:
+            reader, shards = get_reader(config.source), expand_urls(config.urls)
+            mine = shards[consumer::consumers] if len(shards) >= consumers else shards
+            samples = (
+                s for shard in mine for s in reader(shard, self.stats[config.source], **config.options)
+            )
+            if len(shards) < consumers:
+                samples = islice(samples, consumer, None, consumers)
+            limits = {"max_seq_len": config.max_seq_len, "max_image_resolution": config.max_image_resolution}
+            for sample in samples:
                 yield dataclasses.replace(sample, meta={**sample.meta, **limits})
 
-    def record_stats(self) -> dict[str, RecordStats]:
-        return {stream.source: stream.stats for stream in self.streams}
 
-    def fingerprint(self) -> dict[str, Any]:
-        return {"streams": [stream.fingerprint() for stream in self.streams]}
+class PackedSequence(IterableDataset):
+    """Packed rows of a ``SequentialStream``, ``window`` samples at a time (validation loss)."""
+
+    def __init__(self, samples: SequentialStream, packer: RowPacker, window: int) -> None:
+        self.samples, self.packer, self.window = samples, packer, window
+
+    def __iter__(self) -> Iterator[list]:
+        samples = iter(self.samples)
+        while window := list(islice(samples, self.window)):
+            yield from self.packer.rows(window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +139,13 @@ def questions_of(sample: Sample, max_questions: int | None = None) -> list[Quest
 class GenerationValDataset(Dataset):
     """Held-out questions (``questions_of`` every sample of the validation stream, read once)."""
 
-    def __init__(self, samples: ResumableStream, max_questions_per_sample: int | None = None) -> None:
+    def __init__(self, samples: SequentialStream, max_questions_per_sample: int | None = None) -> None:
         self.samples = samples
         self.max_questions_per_sample = max_questions_per_sample
 
     @cached_property
     def questions(self) -> list[Question]:
-        return [q for s in self.samples.iter_epoch(0) for q in questions_of(s, self.max_questions_per_sample)]
+        return [q for s in self.samples for q in questions_of(s, self.max_questions_per_sample)]
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -164,6 +192,12 @@ class VLMDataModule(LightningDataModule):
     - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
       ``None`` (conversation sources ``sft``, the others ``pretraining``).
     - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
+    - Streaming (``datamodules.streaming``): ``shuffle_block`` records are read together and shuffled
+      (blocks are shuffled too); ``pack_window`` samples are packed together (a resume re-reads at
+      most one window per partition); ``partitions`` canonical partitions of the sample order (default:
+      devices x ``num_workers`` at the first start, then whatever the checkpoint holds; they must
+      divide the global batch, a multiple of the device count). ``shard_io``: ``ShardIO`` options for
+      remote shards (retries, backoff, a local shard cache with a size cap).
     - ``val_generate``: validation batches are generation prompts with ``answers`` (``val/acc``,
       exact match) built from the conversations of ``val_sources``, one per question (at most
       ``val_max_questions_per_sample`` per sample), instead of packed rows (``val/loss``).
@@ -190,10 +224,12 @@ class VLMDataModule(LightningDataModule):
         max_tiles_per_row: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
-        shuffle_buffer: int = 1000,
+        shuffle_block: int = 64,
         max_bad_record_rate: float | None = 0.05,
-        pack_buffer_size: int = 256,
-        min_fill: float = 0.98,
+        pack_window: int = 256,
+        partitions: int | None = None,
+        persistent_workers: bool = False,
+        shard_io: dict[str, Any] | None = None,
         val_sources: list[dict[str, Any]] | None = None,
         val_batch_size: int | None = None,
         val_generate: bool = False,
@@ -212,8 +248,9 @@ class VLMDataModule(LightningDataModule):
         if set(self.synthetic_options) - set(self.synthetic) - set(self.val_synthetic):
             raise ValueError(f"synthetic_options {self.synthetic_options} name sources not written.")
         self.val_generate, self.val_max_questions_per_sample = val_generate, val_max_questions_per_sample
+        self.io = ShardIO(**(shard_io or {}))
         self.mixture = MixtureConfig(
-            [expand_env(s) for s in sources], seed, shuffle_buffer, max_bad_record_rate
+            [expand_env(s) for s in sources], seed, shuffle_block, max_bad_record_rate, self.io
         )
         self.val_sources = [SourceConfig(**expand_env(s)) for s in val_sources or []]
         self.tokenizer_name, self.recipe, self.image_seq_len, self.fusion = (
@@ -226,8 +263,8 @@ class VLMDataModule(LightningDataModule):
         self.mode, self.shuffle_turns = mode, shuffle_turns
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.max_seq_len, self.max_tiles_per_row = max_seq_len, max_tiles_per_row
-        self.num_workers, self.seed = num_workers, seed
-        self.pack_buffer_size, self.min_fill = pack_buffer_size, min_fill
+        self.num_workers, self.seed, self.persistent_workers = num_workers, seed, persistent_workers
+        self.pack_window, self.partitions = pack_window, partitions
         self.mixture_weights: list[float] | None = None  # set by set_mixture_weights (stage transitions)
         self.max_resolution: int | None = None  # set by set_max_resolution (resolution ramp-up)
         self._train_loader: ResumableLoader | None = None
@@ -253,7 +290,12 @@ class VLMDataModule(LightningDataModule):
                 self.fusion = fusion
 
     def prepare_data(self) -> None:
-        """Write the ``synthetic`` / ``val_synthetic`` shards that are absent (once per node)."""
+        """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training
+        shards (once per node: the other ranks read the cached indexes)."""
+        self._write_synthetic()
+        self._index_shards()
+
+    def _write_synthetic(self) -> None:
         if self.data_root is None:
             return
         root = Path(self.data_root)
@@ -270,43 +312,76 @@ class VLMDataModule(LightningDataModule):
                 os.replace(tmp_dir, out_dir)  # atomic: an interrupted write leaves no half-written folder
                 print(f"Wrote {n_samples} synthetic {source} samples to {out_dir}")
 
+    def _index_shards(self) -> None:
+        for source in self.mixture.sources:
+            index_shards(source.urls, source.options.get("format"), self.io, progress=True)
+
+    def _layout(self) -> StreamLayout:
+        trainer = self.trainer
+        world_size, rank, accumulation = (
+            (1, 0, 1)
+            if trainer is None
+            else (trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches)
+        )
+        global_batch = self.batch_size * world_size * accumulation
+        partitions = self.partitions
+        if partitions is None:  # as many as readers, among the multiples of world_size dividing the batch
+            wanted = world_size * max(self.num_workers, 1)
+            partitions = max(p for p in range(world_size, wanted + 1, world_size) if global_batch % p == 0)
+        return StreamLayout(partitions, world_size, rank, self.num_workers, self.batch_size, accumulation)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "weights": self.mixture_weights or self.mixture.weights,
+            "max_resolution": self.max_resolution,
+            "max_seq_len": self.max_seq_len,
+        }
+
     def train_dataloader(self) -> ResumableLoader:
-        mixture = self.mixture.build()
-        if self.mixture_weights is not None:
-            mixture.set_weights(self.mixture_weights)
+        layout = self._layout()
+        settings = self._settings()
+        dataset = PartitionedStream(
+            self.mixture.streams(layout.partitions),
+            settings["weights"],
+            self._packer(training=True),
+            window=self.pack_window,
+            seed=self.seed,
+        )
         self._train_loader = ResumableLoader(
-            self._packed(mixture, training=True),
-            batch_size=self.batch_size,
-            collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
-            prefetched=1,  # Lightning's training loop fetches one batch ahead
+            dataset,
+            layout,
+            partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
             num_workers=self.num_workers,
+            settings=settings,
+            dataloader_options={"persistent_workers": self.persistent_workers},
         )
         return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batch Lightning is about to use as consumed (its ``data_position``)."""
+        if self._train_loader is not None and isinstance(batch, dict):
+            self._train_loader.consumed(batch)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        streams = [
-            ShardedSampleStream(s.source, s.urls, s.options, seed=self.seed, shuffle_shards=False)
-            for s in self.val_sources
-        ]
+        samples = SequentialStream(self.val_sources, self.io)
         if self.val_generate:
             return DataLoader(
-                GenerationValDataset(
-                    SequentialStream(self.val_sources, streams), self.val_max_questions_per_sample
-                ),
+                GenerationValDataset(samples, self.val_max_questions_per_sample),
                 batch_size=self.val_batch_size,
                 collate_fn=partial(collate_questions, processor=self.processor),
                 num_workers=0,  # the questions are read once, in the main process
             )
         return DataLoader(
-            self._packed(SequentialStream(self.val_sources, streams), training=False),
+            PackedSequence(samples, self._packer(training=False), self.pack_window),
             batch_size=self.val_batch_size,
             collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
 
-    def _packed(self, samples: ResumableStream, training: bool) -> PackedStream:
+    def _packer(self, training: bool) -> RowPacker:
         encoder = SampleEncoder(
             self.processor,
             modes=self._modes(),
@@ -316,16 +391,12 @@ class VLMDataModule(LightningDataModule):
         )
         if self.max_resolution is not None:
             encoder.set_max_resolution(self.max_resolution)
-        return PackedStream(
-            samples,
+        return RowPacker(
             encoder,
             self.max_seq_len,
             self.processor.image_token_id,
             image_placeholder_token_ids(self.processor.tokenizer),
             max_tiles=self.max_tiles_per_row,
-            buffer_size=self.pack_buffer_size,
-            min_fill=self.min_fill,
-            encode_stats=encoder.stats,
         )
 
     def _modes(self) -> dict[str, Mode]:
@@ -339,8 +410,9 @@ class VLMDataModule(LightningDataModule):
     def set_mixture_weights(self, weights: Sequence[float] | dict[str, float]) -> None:
         """New source weights (a list in ``sources`` order, or ``{source: weight}``).
 
-        The data position restarts (a new stage); the change reaches the batches when the train
-        loader is iterated again (the calling callback must make the trainer re-iterate it).
+        A new segment of the stream starts (each partition continues after its current window, see
+        ``datamodules.streaming``) when the train loader is iterated again (the calling callback
+        must make the trainer re-iterate it).
         """
         if isinstance(weights, dict):
             known = [s.source for s in self.mixture.sources]
@@ -349,19 +421,26 @@ class VLMDataModule(LightningDataModule):
                 raise ValueError(f"Mixture weights name {sorted(unknown)}, not among the sources {known}.")
             weights = [weights.get(source, 0.0) for source in known]
         self.mixture_weights = list(weights)
-        if self._train_loader is not None:
-            self._train_loader.dataset.samples.set_weights(self.mixture_weights)
-            self._train_loader.set_epoch(self._train_loader.dataset.epoch)
+        self._update_train_stream()
+
+    def _update_train_stream(self) -> None:
+        """Give the train loader the current settings (they reach the batches at its next iteration)."""
+        if self._train_loader is None:
+            return
+        dataset, settings = self._train_loader.dataset, self._settings()
+        dataset.weights = settings["weights"]
+        dataset.packer.max_seq_len = self.max_seq_len
+        if self.max_resolution is not None:
+            dataset.packer.encode.set_max_resolution(self.max_resolution)
+        self._train_loader.update_settings(**settings)
 
     def set_max_resolution(self, longest_edge: int) -> None:
         """New maximum image resolution (``longest_edge``); per-source ``max_image_resolution`` still caps it.
 
-        With ``num_workers=0`` it applies to the next sample encoded; with workers, from the next
-        iteration of the loader.
+        It applies from the next iteration of the train loader (a new segment, as ``set_mixture_weights``).
         """
         self.max_resolution = longest_edge
-        if self._train_loader is not None:
-            self._train_loader.dataset.encode.set_max_resolution(longest_edge)
+        self._update_train_stream()
 
     def set_max_seq_len(self, max_seq_len: int) -> None:
         """New packed row length (a stage's sequence length; per-source ``max_seq_len`` still caps each
@@ -369,8 +448,7 @@ class VLMDataModule(LightningDataModule):
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive; got {max_seq_len}.")
         self.max_seq_len = max_seq_len
-        if self._train_loader is not None:
-            self._train_loader.dataset.max_seq_len = max_seq_len
+        self._update_train_stream()
 
     def record_stats(self) -> dict[str, RecordStats]:
         """Records read and skipped (by reason) per source, plus ``encoding`` and ``packing`` skips."""

@@ -1,12 +1,10 @@
-"""Weighted mixture of source streams, each with its own sequence length and image resolution.
+"""Mixture configuration: the sources of a data mixture, their weights and per-source limits.
 
-``MixtureStream`` draws the source of each next sample with the (normalised) weights, using an RNG
-seeded by ``(seed, epoch, rank, worker)``; a source that runs out starts another pass over its
-shards (reshuffled), so the mixture is endless and train length is set in steps. Each sample's
-``meta`` gets ``max_seq_len`` and ``max_image_resolution`` (longest edge, pixels) of its source, for
-the processor and the packer to apply. Resume is exact through ``ResumableLoader`` (replaying the
-same draws); ``set_weights`` starts a new stage: a checkpoint of the previous stage, whose
-fingerprint differs, restarts the data of the new one from its beginning.
+Each source has its own sequence length (``max_seq_len``) and image resolution
+(``max_image_resolution``, longest edge in pixels), which every sample of it carries in ``meta`` for
+the processor and the packer. The sample order itself, and how the weights draw sources, is in
+``datamodules.order`` (a counter-based draw per sample of each canonical partition); the weights
+can change between training stages without replaying earlier data (``datamodules.streaming``).
 
 The Idefics2 pretraining stages (Idefics2 paper, section 4.1: "Multi-stage pre-training"), in the
 YAML schema of ``MixtureConfig`` (``configs/data/idefics2_stage{1,2}.yaml``)::
@@ -24,17 +22,15 @@ YAML schema of ``MixtureConfig`` (``configs/data/idefics2_stage{1,2}.yaml``)::
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any
 
+from datamodules.index import index_shards
+from datamodules.order import MixtureCursor, PartitionMixture, SourceOrder, SourceStream
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats
-from datamodules.streaming import ResumableStream, ShardedSampleStream
+from datamodules.sources.base import RecordStats, get_reader
+from datamodules.sources.shard_io import ShardIO
 
 
 @dataclass
@@ -51,114 +47,54 @@ class SourceConfig:
 
 @dataclass
 class MixtureConfig:
-    """A data mixture: its sources and the streaming settings they share."""
+    """A data mixture: its sources and the streaming settings they share.
+
+    ``shuffle_block``: records read together (one seek or ranged read) and shuffled among themselves;
+    blocks are shuffled too (``datamodules.order``). ``partitions``: canonical partitions of the order.
+    """
 
     sources: list[SourceConfig]
     seed: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_block: int = 64
     max_bad_record_rate: float | None = 0.05
+    io: ShardIO = field(default_factory=ShardIO)
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        for source in self.sources:
+            get_reader(source.source)  # an unknown source fails here, naming the known ones
 
-    def build(self, rank: int | None = None, world_size: int | None = None) -> MixtureStream:
-        """The ``MixtureStream`` of these sources (each a ``ShardedSampleStream``)."""
-        streams = [
-            ShardedSampleStream(
-                s.source,
-                s.urls,
-                s.options,
-                seed=self.seed,
-                shuffle_buffer=self.shuffle_buffer,
-                rank=rank,
-                world_size=world_size,
-                max_bad_record_rate=self.max_bad_record_rate,
+    @property
+    def weights(self) -> list[float]:
+        """The configured weight of each source."""
+        return [s.weight for s in self.sources]
+
+    def streams(self, partitions: int, progress: bool = False) -> list[SourceStream]:
+        """The ``SourceStream`` of each source (shards indexed on first use, then read from the cache)."""
+        return [
+            SourceStream(
+                SourceOrder(
+                    s.source,
+                    index_shards(s.urls, s.options.get("format"), self.io, progress=progress),
+                    seed=self.seed,
+                    partitions=partitions,
+                    block_size=self.shuffle_block,
+                ),
+                dict(s.options),
+                s.max_seq_len,
+                s.max_image_resolution,
+                self.io,
+                self.max_bad_record_rate,
             )
             for s in self.sources
         ]
-        return MixtureStream(
-            streams,
-            [s.weight for s in self.sources],
-            max_seq_lens=[s.max_seq_len for s in self.sources],
-            max_image_resolutions=[s.max_image_resolution for s in self.sources],
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
+
+    def samples(self, partition: int = 0, partitions: int = 1) -> Iterator[Sample]:
+        """The endless sample stream of one partition (e.g. to look at the mixture in a notebook)."""
+        streams = self.streams(partitions)
+        stats = [RecordStats() for _ in streams]
+        mixture = PartitionMixture(
+            streams, self.weights, partition, MixtureCursor.start(len(streams)), stats, self.seed
         )
-
-
-class MixtureStream(ResumableStream):
-    """Samples drawn from ``streams`` with probabilities ``weights`` (normalised), endlessly."""
-
-    def __init__(
-        self,
-        streams: Sequence[ShardedSampleStream],
-        weights: Sequence[float],
-        *,
-        max_seq_lens: Sequence[int | None] | None = None,
-        max_image_resolutions: Sequence[int | None] | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
-        super().__init__(rank, world_size)
-        self.streams, self.seed = list(streams), seed
-        self.max_seq_lens = list(max_seq_lens or [None] * len(self.streams))
-        self.max_image_resolutions = list(max_image_resolutions or [None] * len(self.streams))
-        if not len(self.streams) == len(self.max_seq_lens) == len(self.max_image_resolutions):
-            raise ValueError("Give one max_seq_len and one max_image_resolution per stream.")
-        self.set_weights(weights)
-
-    def set_weights(self, weights: Sequence[float]) -> None:
-        """Change the source weights (e.g. for the next training stage); they are normalised."""
-        if len(weights) != len(self.streams) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(
-                f"Need {len(self.streams)} non-negative weights with a positive sum; got {list(weights)}."
-            )
-        self.weights = [w / sum(weights) for w in weights]
-
-    def resume_from(self, items_per_worker: dict[int, int], rotation: int = 0) -> None:
-        super().resume_from(items_per_worker, rotation)
-        for stream in self.streams:
-            stream.resume_from({}, rotation)
-
-    def iter_epoch(self, epoch: int) -> Iterator[Sample]:
-        rank, _, worker, _ = self.slot()
-        rng = random.Random(f"mixture-{self.seed}-{epoch}-{rank}-{worker}")
-        bounds = list(accumulate(self.weights))
-        passes = [0] * len(self.streams)
-        iterators = [stream.iter_epoch(epoch) for stream in self.streams]
         while True:
-            index = min(bisect.bisect_right(bounds, rng.random() * bounds[-1]), len(bounds) - 1)
-            sample = next(iterators[index], None)
-            if sample is None:  # this source is exhausted: start its next pass
-                passes[index] += 1
-                iterators[index] = self.streams[index].iter_epoch(epoch, passes[index])
-                sample = next(iterators[index], None)
-                if sample is None:
-                    raise RuntimeError(
-                        f"Source {self.streams[index].source!r} yields no sample on rank {rank}, worker "
-                        f"{worker}: it has no readable record in its shards {self.streams[index].shards}."
-                    )
-            meta = {
-                **sample.meta,
-                "max_seq_len": self.max_seq_lens[index],
-                "max_image_resolution": self.max_image_resolutions[index],
-            }
-            yield dataclasses.replace(sample, meta=meta)
-
-    def record_stats(self) -> dict[str, RecordStats]:
-        stats: dict[str, RecordStats] = {}
-        for stream in self.streams:
-            for source, counts in stream.record_stats().items():
-                stats.setdefault(source, RecordStats()).merge(counts)
-        return stats
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {
-            "streams": [stream.fingerprint() for stream in self.streams],
-            "weights": self.weights,
-            "max_seq_lens": self.max_seq_lens,
-            "max_image_resolutions": self.max_image_resolutions,
-            "seed": self.seed,
-        }
+            yield mixture.next()

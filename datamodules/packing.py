@@ -6,7 +6,8 @@ token run (from the ``<fake_token_around_image>`` before its first ``<image>`` t
 its last, Idefics3 tile tags and row breaks included) is never cut, and a document holding a run
 that cannot fit a window is dropped and counted (``too_long_image_span``), never misaligned.
 ``pack`` fills rows of ``max_seq_len`` tokens and at most ``max_tiles`` tiles by best-fit
-decreasing. ``collate_rows`` makes the batch ``VisionLanguageModel.forward`` takes: per-document
+decreasing; ``RowPacker`` does it window by window of a sample stream. ``collate_rows`` makes
+the batch ``VisionLanguageModel.forward`` takes: per-document
 ``position_ids`` restarting at 0 and ``document_ids`` (1, 2, ... per row; 0 = padding), from which
 the model builds a causal block-diagonal attention mask. The first token of every document gets
 label -100: it would be predicted from the previous document's last token.
@@ -14,16 +15,15 @@ label -100: it would be predicted from the previous document's last token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats
-from datamodules.streaming import ResumableStream
 from vlm.config import IGNORE_INDEX
 
 
@@ -190,72 +190,45 @@ def packing_efficiency(batch: dict) -> float:
     return float(batch["attention_mask"].float().mean())
 
 
-class PackedStream(ResumableStream):
-    """Packed rows (lists of ``Document``) from a stream of samples, for ``collate_rows``.
+@dataclass
+class RowPacker:
+    """Samples -> ``Document``s -> packed rows, one window of samples at a time (runs in the workers).
 
-    ``encode`` turns a ``Sample`` into a ``Document`` (the processor step), or ``None`` for a sample
-    it skips (counted in its own ``encode_stats``, reported by ``record_stats``); documents longer
-    than the sample's ``meta["max_seq_len"]`` (set by ``MixtureStream``; at most ``max_seq_len``)
-    are split, and a document with a window over ``max_tiles`` is dropped (``too_many_tiles``).
-    Every ``buffer_size`` documents are packed by best-fit decreasing; rows filled below ``min_fill``
-    give their documents back to the next buffer (all rows are flushed at the end).
+    ``encode`` turns a ``Sample`` into a ``Document`` (the processor step), or ``None`` for a sample it
+    skips (counted in its own stats). Documents longer than the sample's ``meta["max_seq_len"]`` (at
+    most ``max_seq_len``) are split; a document with a window over ``max_tiles`` is dropped
+    (``too_many_tiles``). A window's documents are packed by best-fit decreasing into rows that
+    depend on that window only, so a resume re-reads at most one window.
     """
 
-    def __init__(
-        self,
-        samples: ResumableStream,
-        encode: Callable[[Sample], Document | None],
-        max_seq_len: int,
-        image_token_id: int,
-        placeholder_ids: Sequence[int],
-        *,
-        max_tiles: int | None = None,
-        buffer_size: int = 256,
-        min_fill: float = 0.98,
-        encode_stats: RecordStats | None = None,
-    ) -> None:
-        super().__init__(samples.rank, samples.world_size)
-        self.samples, self.encode = samples, encode
-        self.max_seq_len, self.max_tiles = max_seq_len, max_tiles
-        self.image_token_id, self.placeholder_ids = image_token_id, list(placeholder_ids)
-        self.buffer_size, self.min_fill = buffer_size, min_fill
-        self.stats, self.encode_stats = RecordStats(), encode_stats
+    encode: Callable[[Sample], Document | None]
+    max_seq_len: int
+    image_token_id: int
+    placeholder_ids: list[int]
+    max_tiles: int | None = None
+    stats: RecordStats = field(default_factory=RecordStats)
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.samples.set_epoch(epoch)
+    def documents(self, sample: Sample) -> list[Document]:
+        """The row-sized pieces of one sample (none if it is skipped, counted)."""
+        doc = self.encode(sample)
+        if doc is None:
+            return []
+        max_len = min(sample.meta.get("max_seq_len") or self.max_seq_len, self.max_seq_len)
+        windows = split_document(doc, max_len, self.image_token_id, self.placeholder_ids)
+        if windows is None:
+            self.stats.skip("too_long_image_span")
+            return []
+        if self.max_tiles is not None and any(w.n_tiles > self.max_tiles for w in windows):
+            self.stats.skip("too_many_tiles")
+            return []
+        self.stats.ok()
+        return windows
 
-    def resume_from(self, items_per_worker: dict[int, int], rotation: int = 0) -> None:
-        super().resume_from(items_per_worker, rotation)
-        self.samples.resume_from({}, rotation)
-
-    def iter_epoch(self, epoch: int) -> Iterator[list[Document]]:
-        buffer: list[Document] = []
-        for sample in self.samples.iter_epoch(epoch):
-            doc = self.encode(sample)
-            if doc is None:
-                continue
-            max_len = min(sample.meta.get("max_seq_len") or self.max_seq_len, self.max_seq_len)
-            windows = split_document(doc, max_len, self.image_token_id, self.placeholder_ids)
-            if windows is None:
-                self.stats.skip("too_long_image_span")
-                continue
-            if self.max_tiles is not None and any(w.n_tiles > self.max_tiles for w in windows):
-                self.stats.skip("too_many_tiles")
-                continue
-            self.stats.ok()
-            buffer += windows
-            if len(buffer) >= self.buffer_size:
-                rows = pack(buffer, self.max_seq_len, self.max_tiles)
-                full = [sum(map(len, row)) >= self.min_fill * self.max_seq_len for row in rows]
-                buffer = [doc for row, is_full in zip(rows, full) if not is_full for doc in row]
-                yield from (row for row, is_full in zip(rows, full) if is_full)
-        yield from pack(buffer, self.max_seq_len, self.max_tiles)
-
-    def record_stats(self) -> dict[str, RecordStats]:
-        encoding = {} if self.encode_stats is None else {"encoding": self.encode_stats}
-        return {**self.samples.record_stats(), **encoding, "packing": self.stats}
-
-    def fingerprint(self) -> dict[str, Any]:
-        settings = [self.max_seq_len, self.max_tiles, self.buffer_size, self.min_fill]
-        return {"samples": self.samples.fingerprint(), "packing": settings}
+    def rows(self, samples: Iterable[Sample], rng: random.Random | None = None) -> list[list[Document]]:
+        """The packed rows of one window of samples, shuffled by ``rng`` (best-fit sorts them by size)."""
+        rows = pack(
+            [doc for sample in samples for doc in self.documents(sample)], self.max_seq_len, self.max_tiles
+        )
+        if rng is not None:
+            rng.shuffle(rows)
+        return rows

@@ -313,8 +313,8 @@ def small_data(axis: Axis, root: Path) -> dict[str, Any]:
     data = axis.config(axis.variants[0], tiny=True)["data"]["init_args"]
     out: dict[str, Any] = {
         "data.init_args.data_root": str(root),
-        "data.init_args.shuffle_buffer": 8,
-        "data.init_args.pack_buffer_size": 8,
+        "data.init_args.shuffle_block": 8,
+        "data.init_args.pack_window": 8,
         "data.init_args.batch_size": 4,
         "data.init_args.val_batch_size": 8,
     }

@@ -53,9 +53,8 @@ def datamodule(shards: Path, num_workers: int = 0) -> VLMDataModule:
         image_seq_len=8,  # idefics2-tiny: perceiver latents per image
         image_processor={"shortest_edge": 16, "longest_edge": TILE},
         max_seq_len=128,
-        shuffle_buffer=4,
-        pack_buffer_size=4,
-        min_fill=0.0,
+        shuffle_block=4,
+        pack_window=4,
         num_workers=num_workers,
     )
 

@@ -79,9 +79,8 @@ def fit(module: VLMModule, shards: Path, max_steps: int, ckpt_path: Path | None 
         image_processor={"longest_edge": 64, "tile_size": 32},
         batch_size=2,
         max_seq_len=256,
-        shuffle_buffer=4,
-        pack_buffer_size=4,
-        min_fill=0.0,
+        shuffle_block=4,
+        pack_window=4,
     )
     trainer = Trainer(
         max_steps=max_steps,
@@ -201,8 +200,8 @@ def demo_fit_args(root: Path, data: Path, max_steps: int) -> list[str]:
         f"--data.sources={json.dumps(train)}",
         "--data.val_sources=[]",
         "--data.batch_size=4",
-        "--data.shuffle_buffer=8",
-        "--data.pack_buffer_size=8",
+        "--data.shuffle_block=8",
+        "--data.pack_window=8",
     ]
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from datamodules import VLMDataModule
 from datamodules.encoding import SampleEncoder, default_mode, join_content
 from datamodules.mixture import MixtureConfig
-from datamodules.packing import PackedStream
+from datamodules.packing import RowPacker
 from datamodules.sample import Sample
 from datamodules.sources import iter_samples
 from datamodules.synthetic import WRITERS, write_shards
@@ -109,7 +110,7 @@ def test_encoder_counts_bad_samples_and_applies_max_resolution(processor):
     assert encoder(Sample("laion_coco", "d", [image, "a red image"])).pixel_values.shape[-1] == 40
 
 
-def test_packed_stream_respects_row_budgets_and_counts_drops(shards, processor):
+def test_row_packer_respects_row_budgets_and_counts_drops(shards, processor):
     sources = [
         {"source": "obelics", "urls": f"{shards}/obelics/*.tar", "weight": 0.5, "max_seq_len": 200},
         {"source": "cauldron", "urls": f"{shards}/cauldron/*/*.parquet", "weight": 0.3, "max_seq_len": 200},
@@ -117,24 +118,19 @@ def test_packed_stream_respects_row_budgets_and_counts_drops(shards, processor):
         {"source": "pdfa", "urls": f"{shards}/pdfa/*.tar", "weight": 0.2, "max_seq_len": 8},
     ]
     encoder = SampleEncoder(processor)
-    stream = PackedStream(
-        MixtureConfig(sources, shuffle_buffer=4).build(),
+    packer = RowPacker(
         encoder,
         max_seq_len=200,
         image_token_id=processor.image_token_id,
         placeholder_ids=image_placeholder_token_ids(processor.tokenizer),
         max_tiles=2,
-        buffer_size=16,
-        min_fill=0.5,
-        encode_stats=encoder.stats,
     )
-    rows = [row for row, _ in zip(stream, range(12))]
+    samples = MixtureConfig(sources, shuffle_block=4).samples()
+    rows = packer.rows(islice(samples, 48))
     assert all(sum(map(len, row)) <= 200 and sum(d.n_tiles for d in row) <= 2 for row in rows)
-    assert all(sum(map(len, row)) >= 100 for row in rows)  # min_fill
-    stats = stream.record_stats()
-    assert stats["packing"].skipped["too_long_image_span"] > 0
-    assert stats["packing"].skipped["too_many_tiles"] > 0  # documents of more than 2 images
-    assert stats["encoding"].read > 0 and stats["obelics"].read > 0
+    assert packer.stats.skipped["too_long_image_span"] > 0
+    assert packer.stats.skipped["too_many_tiles"] > 0  # documents of more than 2 images
+    assert encoder.stats.read > 0
 
 
 def test_datamodule_batches_feed_the_model(shards):
@@ -155,7 +151,7 @@ def test_datamodule_batches_feed_the_model(shards):
     assert {"obelics", "laion_coco", "pdfa", "encoding", "packing"} <= stats.keys()
     dm.set_mixture_weights({"obelics": 1.0})
     assert dm.state_dict()["mixture_weights"] == [1.0, 0.0, 0.0]
-    assert dm.train_dataloader().dataset.samples.weights == [1.0, 0.0, 0.0]
+    assert dm.train_dataloader().dataset.weights == [1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "data").glob("*.yaml")), ids=lambda p: p.name)

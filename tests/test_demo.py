@@ -56,8 +56,8 @@ def demo_args(tmp_path: Path, small: bool = True) -> list[str]:
         args += [
             f"--data.synthetic={json.dumps({'cauldron': 32})}",
             f"--data.val_synthetic={json.dumps({'cauldron': 8})}",
-            "--data.shuffle_buffer=8",
-            "--data.pack_buffer_size=8",
+            "--data.shuffle_block=8",
+            "--data.pack_window=8",
         ]
     return args
 

@@ -56,9 +56,8 @@ def datamodule(root: Path, fusion: str = "autoregressive") -> VLMDataModule:
         batch_size=2,
         max_seq_len=128,
         max_tiles_per_row=8,
-        shuffle_buffer=4,
-        pack_buffer_size=4,
-        min_fill=0.5,
+        shuffle_block=4,
+        pack_window=4,
     )
 
 

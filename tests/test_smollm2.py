@@ -54,8 +54,8 @@ def recipe_args(tmp_path: Path, converted: Path, n_train: int = 16, n_val: int =
         f"--data.val_synthetic={json.dumps({'cauldron': n_val})}",
         f"--data.sources={json.dumps(train)}",
         f"--data.val_sources={json.dumps(val)}",
-        "--data.shuffle_buffer=8",
-        "--data.pack_buffer_size=8",
+        "--data.shuffle_block=8",
+        "--data.pack_window=8",
         "--trainer.enable_progress_bar=false",
     ]
 

@@ -41,7 +41,7 @@ def keys(batch: list[Sample]) -> list[str]:
 
 
 def loader(urls: str, rank: int = 0, world_size: int = 1, **kwargs) -> ResumableLoader:
-    stream = ShardedSampleStream("fake", urls, seed=7, shuffle_buffer=8, rank=rank, world_size=world_size)
+    stream = ShardedSampleStream("fake", urls, seed=7, shuffle_block=8, rank=rank, world_size=world_size)
     return ResumableLoader(stream, batch_size=3, collate_fn=keys, num_workers=2, **kwargs)
 
 
@@ -113,7 +113,7 @@ def test_mixture_proportions_and_stage_change(tmp_path):
         {"source": "fake", "urls": write_shards(tmp_path / n, 4, n), "weight": w, "max_seq_len": L}
         for n, w, L in (("a", 5, 2048), ("b", 3, 1536), ("c", 2, 1024))
     ]
-    config = MixtureConfig(sources, seed=1, shuffle_buffer=16)
+    config = MixtureConfig(sources, seed=1, shuffle_block=16)
     stream = config.build(rank=0, world_size=1)
     samples = [s for _, s in zip(range(10_000), stream)]
     counts = Counter(s.content[0].split("-")[0] for s in samples)

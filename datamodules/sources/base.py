@@ -41,6 +41,14 @@ class RecordStats:
         """``{"read": n, "<reason>": n, ...}``, e.g. for logging."""
         return {"read": self.read, **dict(self.skipped)}
 
+    @classmethod
+    def from_dict(cls, counts: dict[str, int]) -> RecordStats:
+        """Inverse of ``as_dict`` (e.g. counts sent from a dataloader worker)."""
+        stats = cls()
+        stats.read = counts.get("read", 0)
+        stats.skipped = Counter({reason: n for reason, n in counts.items() if reason != "read"})
+        return stats
+
     def merge(self, other: RecordStats) -> None:
         """Add another stream's counts (e.g. from dataloader workers) to these."""
         self.read += other.read

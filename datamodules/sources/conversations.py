@@ -14,13 +14,19 @@ import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats, open_shard, register
+from datamodules.sources.base import RecordStats, register
 from datamodules.sources.pdf_documents import render_pdf
-from datamodules.sources.records import BadRecord, decode_image, iter_tar_groups
+from datamodules.sources.records import (
+    BadRecord,
+    RecordSpan,
+    decode_image,
+    iter_tar_groups,
+    open_parquet,
+    parquet_rows,
+)
 
 TEXTS_TYPE = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))
 IMAGES_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
@@ -28,15 +34,17 @@ CONVERSATION_SCHEMA = pa.schema([("images", IMAGES_TYPE), ("texts", TEXTS_TYPE)]
 DOCMATIX_PDF_SCHEMA = pa.schema([("pdf", pa.binary()), ("texts", TEXTS_TYPE)])
 
 
-def iter_parquet_rows(shard: str, schemas: list[pa.Schema]) -> Iterator[tuple[pa.Schema, int, dict]]:
-    """``(schema, row index, row)`` for each row of a parquet shard, one row group in memory at a time.
+def iter_parquet_rows(
+    shard: str, schemas: list[pa.Schema], span: RecordSpan | None = None
+) -> Iterator[tuple[pa.Schema, int, dict]]:
+    """``(schema, row index, row)`` for each row of a parquet shard (or of ``span``), one row group in
+    memory at a time.
 
     The file's columns and Arrow types must equal one of ``schemas`` (list field names aside): another
     schema means the shard belongs to another dataset or config, and raises ``ValueError`` naming the
     shard, the expected and the found columns.
     """
-    with open_shard(shard) as stream:
-        file = pq.ParquetFile(stream)
+    with open_parquet(shard, span) as file:
         found = file.schema_arrow
         schema = next((s for s in schemas if found.remove_metadata().equals(s)), None)
         if schema is None:
@@ -45,11 +53,8 @@ def iter_parquet_rows(shard: str, schemas: list[pa.Schema]) -> Iterator[tuple[pa
                 f"{shard}: unexpected parquet schema; expected columns {expected}, "
                 f"found {dict(zip(found.names, map(str, found.types)))}."
             )
-        index = 0
-        for group in range(file.num_row_groups):
-            for row in file.read_row_group(group).to_pylist():
-                yield schema, index, row
-                index += 1
+        for index, row in parquet_rows(file, shard, span):
+            yield schema, index, row
 
 
 def _turns(texts: list | None, max_turn_chars: int | None) -> list[tuple[str, str]]:
@@ -93,10 +98,11 @@ def _read_parquet(
     max_turn_chars: int | None,
     dpi: float = 150,
     max_side: int | None = None,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Shared body of the parquet readers: one ``Sample`` per row, bad rows counted by reason."""
     subset = posixpath.basename(posixpath.dirname(shard.rstrip("/")))
-    for schema, index, row in iter_parquet_rows(shard, schemas):
+    for schema, index, row in iter_parquet_rows(shard, schemas, span):
         try:
             turns = _turns(row["texts"], max_turn_chars)
             images = _row_images(schema, row, dpi, max_side)
@@ -109,15 +115,19 @@ def _read_parquet(
 
 
 @register("cauldron")
-def read_cauldron(shard: str, stats: RecordStats, max_turn_chars: int | None = None) -> Iterator[Sample]:
+def read_cauldron(
+    shard: str, stats: RecordStats, max_turn_chars: int | None = None, span: RecordSpan | None = None
+) -> Iterator[Sample]:
     """Stream one Cauldron parquet file; ``meta["subset"]`` is its directory (``ai2d``, ``vqav2``...)."""
-    yield from _read_parquet(shard, stats, "cauldron", [CONVERSATION_SCHEMA], max_turn_chars)
+    yield from _read_parquet(shard, stats, "cauldron", [CONVERSATION_SCHEMA], max_turn_chars, span=span)
 
 
 @register("text")
-def read_text(shard: str, stats: RecordStats, max_turn_chars: int | None = None) -> Iterator[Sample]:
+def read_text(
+    shard: str, stats: RecordStats, max_turn_chars: int | None = None, span: RecordSpan | None = None
+) -> Iterator[Sample]:
     """Stream text-only instruction data stored in the Cauldron schema with ``images = []``."""
-    yield from _read_parquet(shard, stats, "text", [CONVERSATION_SCHEMA], max_turn_chars)
+    yield from _read_parquet(shard, stats, "text", [CONVERSATION_SCHEMA], max_turn_chars, span=span)
 
 
 @register("docmatix")
@@ -127,20 +137,23 @@ def read_docmatix(
     max_turn_chars: int | None = 500,
     dpi: float = 150,
     max_side: int | None = None,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Stream one Docmatix parquet file of either config: ``images`` (pages as images) or ``pdf``
     (whole PDF, rendered here at ``dpi``/``max_side``). Rows with a turn longer than ``max_turn_chars``
     on either side are dropped as m4 did (``filtered:long_turn``; ``None`` keeps them)."""
     schemas = [CONVERSATION_SCHEMA, DOCMATIX_PDF_SCHEMA]
-    yield from _read_parquet(shard, stats, "docmatix", schemas, max_turn_chars, dpi, max_side)
+    yield from _read_parquet(shard, stats, "docmatix", schemas, max_turn_chars, dpi, max_side, span)
 
 
 @register("m4_sft")
-def read_m4_sft(shard: str, stats: RecordStats, max_turn_chars: int | None = None) -> Iterator[Sample]:
+def read_m4_sft(
+    shard: str, stats: RecordStats, max_turn_chars: int | None = None, span: RecordSpan | None = None
+) -> Iterator[Sample]:
     """Stream one of m4's SFT tars (§7.3): images ``{id}.{i}.image.jpeg`` then JSON turns
     ``{id}.{n_img + j}.text.txt``. A record is valid only if all the files that its ``metadata.txt``
     lists are present (``missing_members`` otherwise)."""
-    for key, members in iter_tar_groups(shard, stats):
+    for key, members in iter_tar_groups(shard, stats, span):
         listed = members.get("metadata.txt", b"").decode("utf-8", "replace").split()
         if not listed or any(name.partition(".")[2] not in members for name in listed):
             stats.skip("missing_members")

@@ -22,17 +22,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats, open_shard, register
+from datamodules.sources.base import RecordStats, register
 from datamodules.sources.image_store import IMAGE_EXTENSIONS, ImageStore
 from datamodules.sources.records import (
     BadRecord,
+    RecordSpan,
     decode_image,
     decode_text,
     iter_tar_groups,
+    open_parquet,
+    parquet_rows,
     parse_json,
     shard_format,
 )
@@ -93,40 +95,41 @@ def _tar_pair(shard: str, key: str, members: dict[str, bytes], column: str, filt
 
 
 def _parquet_pairs(
-    shard: str, stats: RecordStats, column: str, store: ImageStore | None, filters: _Filters
+    shard: str,
+    stats: RecordStats,
+    column: str,
+    store: ImageStore | None,
+    filters: _Filters,
+    span: RecordSpan | None,
 ) -> Iterator[Sample]:
     if store is None:
         raise ValueError(f"{shard}: LAION-COCO parquet holds image URLs; pass image_store= to resolve them.")
-    with open_shard(shard) as stream:
-        parquet = pq.ParquetFile(stream)
+    with open_parquet(shard, span) as parquet:
         missing = {"URL", column} - set(parquet.schema_arrow.names)
         if missing:
             raise ValueError(
                 f"{shard}: not a LAION-COCO metadata parquet, missing columns {sorted(missing)} "
                 f"(has {parquet.schema_arrow.names})."
             )
-        row_index = 0
-        for batch in parquet.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                row_index += 1
-                try:
-                    if row["URL"] is None or row[column] is None:
-                        raise BadRecord("null_row")
-                    filters.check_scores(row)
-                    data = store.get(row["URL"])
-                    if data is None:
-                        raise BadRecord("missing_image")
-                    image = decode_image(data)
-                    filters.check_image(image)
-                except BadRecord as bad:
-                    stats.skip(bad.reason)
-                    continue
-                meta = {
-                    "url": row["URL"],
-                    **{key: row[key] for key in ("TEXT", "punsafe", "pwatermark") if key in row},
-                }
-                stats.ok()
-                yield _pair(shard, str(row_index - 1), image, row[column], meta)
+        for row_index, row in parquet_rows(parquet, shard, span):
+            try:
+                if row["URL"] is None or row[column] is None:
+                    raise BadRecord("null_row")
+                filters.check_scores(row)
+                data = store.get(row["URL"])
+                if data is None:
+                    raise BadRecord("missing_image")
+                image = decode_image(data)
+                filters.check_image(image)
+            except BadRecord as bad:
+                stats.skip(bad.reason)
+                continue
+            meta = {
+                "url": row["URL"],
+                **{key: row[key] for key in ("TEXT", "punsafe", "pwatermark") if key in row},
+            }
+            stats.ok()
+            yield _pair(shard, str(row_index), image, row[column], meta)
 
 
 @register("laion_coco")
@@ -140,6 +143,7 @@ def read_laion_coco(
     max_punsafe: float | None = None,
     max_pwatermark: float | None = None,
     min_image_side: int | None = None,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Stream ``[image, caption]`` Samples from one LAION-COCO shard (tar or parquet, by extension).
 
@@ -151,9 +155,9 @@ def read_laion_coco(
         raise ValueError(f"caption must be one of {sorted(_CAPTION_COLUMNS)}, got {caption!r}.")
     column, filters = _CAPTION_COLUMNS[caption], _Filters(max_punsafe, max_pwatermark, min_image_side)
     if shard_format(shard, format) == "parquet":
-        yield from _parquet_pairs(shard, stats, column, image_store, filters)
+        yield from _parquet_pairs(shard, stats, column, image_store, filters, span)
         return
-    for key, members in iter_tar_groups(shard, stats):
+    for key, members in iter_tar_groups(shard, stats, span):
         try:
             sample = _tar_pair(shard, key, members, column, filters)
         except BadRecord as bad:

@@ -23,17 +23,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats, open_shard, register
+from datamodules.sources.base import RecordStats, register
 from datamodules.sources.image_store import ImageStore
 from datamodules.sources.records import (
     BadRecord,
+    RecordSpan,
     decode_image,
     decode_text,
     iter_tar_groups,
+    open_parquet,
+    parquet_rows,
     parse_json,
     shard_format,
 )
@@ -181,11 +183,12 @@ def _tar_nodes(key: str, members: dict[str, bytes]) -> list[Node]:
     return [positions[index] for index in sorted(positions) if positions[index]]
 
 
-def _read_parquet(shard: str, stats: RecordStats, documents: _DocumentFilter) -> Iterator[Sample]:
+def _read_parquet(
+    shard: str, stats: RecordStats, documents: _DocumentFilter, span: RecordSpan | None
+) -> Iterator[Sample]:
     if documents.store is None:
         raise ValueError(f"{shard}: OBELICS parquet holds image URLs; pass image_store= to resolve them.")
-    with open_shard(shard) as stream:
-        parquet = pq.ParquetFile(stream)
+    with open_parquet(shard, span) as parquet:
         missing = {"images", "texts"} - set(parquet.schema_arrow.names)
         if missing:
             raise ValueError(
@@ -193,16 +196,13 @@ def _read_parquet(shard: str, stats: RecordStats, documents: _DocumentFilter) ->
                 f"(expected {list(PARQUET_COLUMNS)}, has {parquet.schema_arrow.names})."
             )
         columns = [name for name in PARQUET_COLUMNS if name in parquet.schema_arrow.names]
-        row_index = 0
-        for batch in parquet.iter_batches(batch_size=64, columns=columns):
-            for row in batch.to_pylist():
-                row_index += 1
-                try:
-                    nodes, meta = _parquet_row(row)
-                except BadRecord as bad:
-                    stats.skip(bad.reason)
-                    continue
-                yield from documents.samples(str(row_index - 1), nodes, meta)
+        for row_index, row in parquet_rows(parquet, shard, span, columns):
+            try:
+                nodes, meta = _parquet_row(row)
+            except BadRecord as bad:
+                stats.skip(bad.reason)
+                continue
+            yield from documents.samples(str(row_index), nodes, meta)
 
 
 @register("obelics")
@@ -216,6 +216,7 @@ def read_obelics(
     max_perplexity: float | None = None,
     max_images_per_document: int | None = None,
     drop_bad_images: bool = False,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Stream interleaved-document Samples (text and images in page order) from one OBELICS shard.
 
@@ -224,15 +225,16 @@ def read_obelics(
     (``missing_image`` / ``corrupt_image``); with ``drop_bad_images=True`` only that image is left out
     (counted ``dropped_image:<reason>``), as m4 did when building its tars, and the document kept if
     an image remains. ``meta``: ``url`` of the page (``id`` for tars) and, from parquet, ``image_urls``
-    and ``images`` (the metadata dict of each image, ``{}`` when absent).
+    and ``images`` (the metadata dict of each image, ``{}`` when absent). ``span``: only those records
+    (see ``RecordSpan``).
     """
     documents = _DocumentFilter(
         shard, stats, image_store, perplexity_scorer, max_perplexity, max_images_per_document, drop_bad_images
     )
     if shard_format(shard, format) == "parquet":
-        yield from _read_parquet(shard, stats, documents)
+        yield from _read_parquet(shard, stats, documents, span)
         return
-    for key, members in iter_tar_groups(shard, stats):
+    for key, members in iter_tar_groups(shard, stats, span):
         try:
             nodes = _tar_nodes(key, members)
         except BadRecord as bad:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats, register
-from datamodules.sources.records import iter_tar_groups
+from datamodules.sources.records import RecordSpan, iter_tar_groups
 from vlm.processing.image import MAX_PIXELS
 
 
@@ -93,9 +93,10 @@ def _read_documents(
     dpi: float,
     max_side: int | None,
     grayscale: bool,
+    span: RecordSpan | None,
 ) -> Iterator[Sample]:
     """Shared body of the PDFA and IDL readers; ``image_member`` is ``"pdf"`` or ``"tif"``."""
-    for key, members in iter_tar_groups(shard, stats):
+    for key, members in iter_tar_groups(shard, stats, span):
         if not {"json", "pdf", image_member} <= members.keys():
             stats.skip("missing_members")
             continue
@@ -144,9 +145,10 @@ def read_pdfa(
     dpi: float = 150,
     max_side: int | None = None,
     grayscale: bool = True,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Stream a PDFA tar: samples of ``pages_per_sample`` rendered pages, each followed by its OCR lines."""
-    yield from _read_documents(shard, stats, "pdfa", "pdf", pages_per_sample, dpi, max_side, grayscale)
+    yield from _read_documents(shard, stats, "pdfa", "pdf", pages_per_sample, dpi, max_side, grayscale, span)
 
 
 @register("idl")
@@ -158,10 +160,13 @@ def read_idl(
     max_side: int | None = None,
     grayscale: bool = True,
     use_tif: bool = False,
+    span: RecordSpan | None = None,
 ) -> Iterator[Sample]:
     """Stream an IDL tar like PDFA; ``use_tif`` takes the page images from the ``.tif`` render instead.
 
     The PDF is still opened to check its page count against the JSON (and the TIFF's, with ``use_tif``).
     """
     image_member = "tif" if use_tif else "pdf"
-    yield from _read_documents(shard, stats, "idl", image_member, pages_per_sample, dpi, max_side, grayscale)
+    yield from _read_documents(
+        shard, stats, "idl", image_member, pages_per_sample, dpi, max_side, grayscale, span
+    )

@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats, register
-from datamodules.sources.records import BadRecord, decode_image, iter_tar_groups
+from datamodules.sources.records import BadRecord, RecordSpan, decode_image, iter_tar_groups
 
 
 @register("rendered_text")
-def read_rendered_text(shard: str, stats: RecordStats) -> Iterator[Sample]:
+def read_rendered_text(shard: str, stats: RecordStats, span: RecordSpan | None = None) -> Iterator[Sample]:
     """Stream a RenderedText tar: ``content = [image, transcription]``; records without text are dropped
     (``filtered:empty_text``)."""
-    for key, members in iter_tar_groups(shard, stats):
+    for key, members in iter_tar_groups(shard, stats, span):
         if not {"png", "json"} <= members.keys():
             stats.skip("missing_members")
             continue

@@ -80,9 +80,8 @@ def shard_data(root: Path, fusion: str, batch_size: int) -> VLMDataModule:
         batch_size=batch_size,
         max_seq_len=128,
         max_tiles_per_row=8,
-        shuffle_buffer=4,
-        pack_buffer_size=4,
-        min_fill=0.5,
+        shuffle_block=4,
+        pack_window=4,
     )
 
 
