@@ -68,7 +68,7 @@ def main() -> None:
     start = time.perf_counter()
     windows = [w for doc in docs for w in split_document(doc, SEQ_LEN, IMAGE_TOKEN, [IMAGE_TOKEN])]
     rows = []
-    for first in range(0, len(windows), 256):  # buffers of 256 documents, as PackedStream packs them
+    for first in range(0, len(windows), 256):  # windows of 256 documents, as RowPacker packs them
         rows += pack(windows[first : first + 256], SEQ_LEN, max_tiles=64)
     batches = [collate_rows(rows[i : i + BATCH], 0, SEQ_LEN) for i in range(0, len(rows), BATCH)]
     seconds = time.perf_counter() - start

@@ -19,7 +19,8 @@ _GLOB_CHARS = set("*?[")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from paths, globs, brace patterns and URLs, in the given order (globs sorted).
+    """Shard list from paths, globs, brace patterns and URLs, in the given order (globs sorted; their
+    wildcards do not match hidden names).
 
     A pattern that matches nothing, or a plain path that does not exist, raises
     ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing.
@@ -30,7 +31,13 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
         for url in braceexpand.braceexpand(pattern):
             fs, path = fsspec.core.url_to_fs(url)
             if _GLOB_CHARS & set(path):
-                matches = sorted(fs.glob(path))
+                # like a shell, wildcards skip hidden names (e.g. the .shard-index folders)
+                written = set(path.split("/"))
+                matches = sorted(
+                    match
+                    for match in fs.glob(path)
+                    if not any(part.startswith(".") and part not in written for part in match.split("/"))
+                )
                 if not matches:
                     raise FileNotFoundError(f"No shard matches {url!r}.")
                 protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
