@@ -1,8 +1,8 @@
 """Dataset readers (one module per on-disk format) and ``iter_samples``, the way to stream any of them.
 
 ``iter_samples(source, urls, **options)`` expands ``urls`` (paths, globs, brace patterns such as
-``shard-{0000..0099}.tar``, URLs) into shards and streams their ``Sample``s in order; skipped
-records are counted on the returned iterator's ``.stats`` (reason -> count).
+``shard-{0000..0099}.tar``, URLs, ``pipe:`` commands) into shards and streams their ``Sample``s in
+order; skipped records and retried reads are counted on the returned iterator's ``.stats``.
 """
 
 from __future__ import annotations
@@ -13,21 +13,30 @@ import braceexpand
 import fsspec
 
 from datamodules.sample import Sample
-from datamodules.sources.base import READERS, RecordStats, get_reader, register
+from datamodules.sources.base import READERS, RecordStats, counting_retries, get_reader, register
 
 _GLOB_CHARS = set("*?[")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from paths, globs, brace patterns and URLs, in the given order (globs sorted).
+    """Shard list from paths, globs, brace patterns, URLs and ``pipe:`` commands, in the given order
+    (globs sorted).
 
-    A pattern that matches nothing, or a plain path that does not exist, raises
-    ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing.
+    A local pattern that matches nothing, or a local path that does not exist, raises
+    ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing. Remote URLs
+    (``https://``, ``s3://``, ``hf://``...) without a glob and ``pipe:`` commands (brace patterns
+    expanded, globs left to the shell) are kept as they are: they are checked when opened.
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     shards: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(pattern):
+            scheme = url.split("://", 1)[0] if "://" in url else ""
+            if url.startswith("pipe:") or (
+                scheme not in ("", "file") and (scheme in ("http", "https") or not _GLOB_CHARS & set(url))
+            ):
+                shards.append(url)  # remote: existence is checked when the shard is opened
+                continue
             fs, path = fsspec.core.url_to_fs(url)
             if _GLOB_CHARS & set(path):
                 matches = sorted(fs.glob(path))
@@ -35,8 +44,6 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
                     raise FileNotFoundError(f"No shard matches {url!r}.")
                 protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
                 shards += [protocol + match if protocol else match for match in matches]
-            elif "://" in url and not url.startswith("file://"):
-                shards.append(url)  # remote: existence is checked when the shard is opened
             elif not fs.exists(path):
                 raise FileNotFoundError(f"Shard not found: {url}")
             else:
@@ -53,7 +60,8 @@ class SampleStream(Iterator[Sample]):
         self._samples = (sample for shard in shards for sample in reader(shard, self.stats, **options))
 
     def __next__(self) -> Sample:
-        return next(self._samples)
+        with counting_retries(self.stats):
+            return next(self._samples)
 
 
 def iter_samples(source: str, urls: str | Sequence[str], **options) -> SampleStream:

@@ -4,17 +4,19 @@ A reader is a function ``read(shard: str, stats: RecordStats, **options) -> Iter
 streams ONE shard (a local path or a URL) in a deterministic order. Bad records (corrupt images,
 invalid JSON, null rows, missing members...) are skipped with ``stats.skip(reason)``; nothing else
 is ever dropped silently (filters count their drops too, under ``filtered:<name>``). A shard that
-cannot be opened at all raises ``FileNotFoundError`` with its path. Readers register themselves
-with ``@register("name")`` so ``iter_samples(source, urls)`` can find them.
+cannot be opened at all raises ``FileNotFoundError`` with its path. Shards are opened with
+``open_shard`` (``ShardIO``: local, fsspec URLs and ``pipe:`` commands, with retries that are counted
+in the ``RecordStats`` made current by ``counting_retries``). Readers register themselves with
+``@register("name")`` so ``iter_samples(source, urls)`` can find them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import IO
-
-import fsspec
 
 from datamodules.sample import Sample
 
@@ -22,12 +24,18 @@ Reader = Callable[..., Iterator[Sample]]
 READERS: dict[str, Reader] = {}
 
 
+_RETRY = "retry:"
+
+
 class RecordStats:
-    """Counts of records read and skipped (by reason), shared by every reader of a stream."""
+    """Counts of records read and skipped (by reason), shared by every reader of a stream, and of the
+    transient read errors retried while streaming (by reason; retries lose no record, so they are
+    never counted as skips)."""
 
     def __init__(self) -> None:
         self.read = 0
         self.skipped: Counter[str] = Counter()
+        self.retries: Counter[str] = Counter()
 
     def ok(self) -> None:
         """Count one record yielded."""
@@ -35,16 +43,56 @@ class RecordStats:
 
     def skip(self, reason: str) -> None:
         """Count one record dropped, under ``reason`` (e.g. ``"corrupt_image"``, ``"invalid_json"``)."""
+        if reason == "read" or reason.startswith(_RETRY):
+            raise ValueError(
+                f"{reason!r} is reserved in RecordStats.as_dict(); name the skip reason otherwise."
+            )
         self.skipped[reason] += 1
 
+    def count_retry(self, reason: str) -> None:
+        """Count one retried read (e.g. ``"connection"``, ``"http_503"``): nothing was lost."""
+        self.retries[reason] += 1
+
     def as_dict(self) -> dict[str, int]:
-        """``{"read": n, "<reason>": n, ...}``, e.g. for logging."""
-        return {"read": self.read, **dict(self.skipped)}
+        """``{"read": n, "<skip reason>": n, ..., "retry:<reason>": n, ...}``, e.g. for logging;
+        ``RecordStats.from_dict`` turns it back into the same counts."""
+        return {"read": self.read, **dict(self.skipped), **{_RETRY + r: n for r, n in self.retries.items()}}
+
+    @classmethod
+    def from_dict(cls, counts: dict[str, int]) -> RecordStats:
+        """The ``RecordStats`` whose ``as_dict()`` is ``counts`` (e.g. sent back by a dataloader worker)."""
+        stats = cls()
+        for key, count in counts.items():
+            if key == "read":
+                stats.read = count
+            elif key.startswith(_RETRY):
+                stats.retries[key.removeprefix(_RETRY)] = count
+            else:
+                stats.skipped[key] = count
+        return stats
 
     def merge(self, other: RecordStats) -> None:
         """Add another stream's counts (e.g. from dataloader workers) to these."""
         self.read += other.read
         self.skipped.update(other.skipped)
+        self.retries.update(other.retries)
+
+
+_CURRENT_STATS: ContextVar[RecordStats | None] = ContextVar("current_record_stats", default=None)
+
+
+@contextlib.contextmanager
+def counting_retries(stats: RecordStats) -> Iterator[RecordStats]:
+    """Within this block, shards that ``open_shard`` opens count their retries in ``stats``.
+
+    Readers call ``open_shard(shard)`` without their stats; a stream wraps each step of its readers in
+    this block so retries land in its own ``RecordStats`` (threads and other streams keep theirs).
+    """
+    token = _CURRENT_STATS.set(stats)
+    try:
+        yield stats
+    finally:
+        _CURRENT_STATS.reset(token)
 
 
 def register(name: str) -> Callable[[Reader], Reader]:
@@ -57,15 +105,16 @@ def register(name: str) -> Callable[[Reader], Reader]:
     return add
 
 
-def open_shard(url: str) -> IO[bytes]:
-    """Open a shard for binary reading: local path, ``file://``, or any fsspec URL (``https://``, ``s3://``).
+def open_shard(url: str, stats: RecordStats | None = None) -> IO[bytes]:
+    """Open a whole shard for binary reading with the default ``ShardIO``: local path, ``file://``, any
+    fsspec URL (``https://``, ``s3://``, ``hf://``) or a ``pipe:`` command, retrying transient errors.
 
+    Retries are counted in ``stats``, else in the stats of the enclosing ``counting_retries`` block.
     Raises ``FileNotFoundError`` naming the shard when it does not exist.
     """
-    try:
-        return fsspec.open(url, "rb").open()
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"Shard not found: {url}") from error
+    from datamodules.sources.shard_io import DEFAULT_SHARD_IO  # shard_io imports RecordStats from here
+
+    return DEFAULT_SHARD_IO.open(url, stats=stats if stats is not None else _CURRENT_STATS.get())
 
 
 def read_bytes(url: str) -> bytes:
