@@ -10,6 +10,7 @@ import pickle
 import random
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,6 +178,11 @@ def test_pipe_url_reads_the_same_samples_and_reruns_failed_commands(shards, tmp_
         assert stream.read() == tar.read_bytes()[100:700]
     with pytest.raises(ShardReadError, match=r"pipe:head -c 10 .*output ended"):
         shard_io.open(f"pipe:head -c 10 {tar}", 0, 20).read()
+    # Closing before the command ends stops it instead of waiting for it.
+    started = time.monotonic()
+    with shard_io.open("pipe:printf 0123456789; exec sleep 30", 2, 5) as stream:
+        assert stream.read() == b"234"
+    assert time.monotonic() - started < 10
 
 
 def test_byte_ranges_local_and_http(shards):
@@ -246,6 +252,22 @@ def test_cache_serves_second_open_from_disk_and_keeps_under_its_cap(shards, tmp_
             assert stream.read() == tar.read_bytes()
         assert server.gets > gets and not any(p.name.endswith(tar.name) for p in cache.iterdir())
     assert sum(p.stat().st_size for p in cache.iterdir()) <= capped.cache_max_bytes
+
+
+def test_cache_evicts_the_least_recently_used(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in "abc":
+        (served / f"{name}.tar").write_bytes(name.encode() * 1000)
+    shard_io = ShardIO(cache_dir=str(tmp_path / "cache"), cache_max_bytes=2500, **FAST)
+    with serve(served) as server:
+        for name in "aba":  # b is now the least recently used
+            with shard_io.open(server.url(served / f"{name}.tar")) as stream:
+                assert stream.read() == name.encode() * 1000
+        assert server.gets == 2  # the second open of a came from the cache
+        with shard_io.open(server.url(served / "c.tar")) as stream:
+            assert stream.read() == b"c" * 1000
+    assert sorted(p.name[-5:] for p in (tmp_path / "cache").iterdir()) == ["a.tar", "c.tar"]
 
 
 def test_errors_name_the_url(shards):

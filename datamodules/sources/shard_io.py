@@ -12,6 +12,7 @@ the same range; every retry is counted in ``ShardIO.retries`` and, when given, t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -83,7 +84,7 @@ def transient_reason(error: BaseException) -> str | None:
     status = getattr(error, "status", None) or getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
         return f"http_{status}" if status in _TRANSIENT_STATUS else None
-    if isinstance(error, (TimeoutError, fsspec.exceptions.FSTimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, fsspec.exceptions.FSTimeoutError)):
         return "timeout"
     if isinstance(error, (ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
         return "connection"
@@ -149,13 +150,13 @@ class RangeReader(io.RawIOBase):
 
 class PipeReader(io.RawIOBase):
     """Forward-only reader of a ``pipe:`` command's output (bytes ``[start, end)``), through webdataset's
-    ``gopen``. A failed command (non-zero exit, or output shorter than ``end``) is re-run and read up to
-    where it failed, each re-run counted by ``on_retry``; after ``max_attempts`` runs it raises
-    ``ShardReadError``."""
+    ``gopen``. A failed command (non-zero exit, or output shorter than ``end``) is re-run and its output
+    discarded up to where it failed, each re-run counted as a retry; after ``max_attempts`` runs it
+    raises ``ShardReadError``."""
 
     def __init__(self, url: str, start: int, end: int | None, retrying: Retrying) -> None:
         super().__init__()
-        self.name, self._start, self._end, self._retrying = url, start, end, retrying
+        self.name, self._end, self._retrying = url, end, retrying
         self._pos, self._pipe = start, None
 
     def readable(self) -> bool:
@@ -193,6 +194,8 @@ class PipeReader(io.RawIOBase):
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pipe.ignore_errors = True  # the command is abandoned: its exit status no longer matters
+            if pipe.proc.poll() is None:
+                pipe.proc.kill()  # else closing waits for it (webdataset's Pipe waits up to two hours)
             pipe.close()
 
     def close(self) -> None:
