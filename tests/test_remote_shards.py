@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules import Sample
 from datamodules.shard_files import write_parquet
@@ -305,6 +306,36 @@ def test_stamp_and_pickling(shards):
     shard_io.retries["connection"] += 1
     copy = pickle.loads(pickle.dumps(shard_io))
     assert copy == shard_io and not copy.retries  # each worker counts its own retries
+
+
+class _RangeDataset(IterableDataset):
+    def __init__(self, shard_io: ShardIO, url: str) -> None:
+        self.shard_io, self.url = shard_io, url
+
+    def __iter__(self):
+        worker = get_worker_info().id
+        with self.shard_io.open(self.url, worker * 100, worker * 100 + 50) as stream:
+            yield worker, stream.read(), self.shard_io.retries.total()
+
+
+def test_dataloader_workers_read_http_ranges_and_count_their_own_retries(shards):
+    root, tar, _ = shards
+    data = tar.read_bytes()
+    with serve(root, fail_every=2) as server:
+        shard_io = ShardIO(**FAST)
+        assert shard_io.open(server.url(tar)).read(10) == data[:10]  # the parent used HTTP before forking
+        assert shard_io.retries.total() == 1
+        loader = DataLoader(
+            _RangeDataset(shard_io, server.url(tar)),
+            batch_size=None,
+            num_workers=2,
+            multiprocessing_context="fork",  # the copy of the parent's counts must not count twice
+            timeout=60,
+        )
+        results = sorted(loader)
+    assert [(worker, chunk) for worker, chunk, _ in results] == [(0, data[0:50]), (1, data[100:150])]
+    failures = server.failures
+    assert sum(retries for *_, retries in results) == failures - 1 > 0  # the parent's one not included
 
 
 def test_expand_urls_keeps_remote_and_pipe_urls(tmp_path):

@@ -217,9 +217,9 @@ def _discard(stream: IO[bytes], count: int, name: str) -> None:
 class ShardIO:
     """How shards are opened: retry policy, range-read block size and an optional local cache.
 
-    ``retries`` counts this process's retries by reason; it is not pickled, so each DataLoader worker
-    counts its own. With ``cache_dir``, remote shards opened whole are downloaded there once (at most
-    ``cache_max_bytes`` in all, least recently used evicted first; a bigger shard is streamed).
+    ``retries`` counts this process's retries by reason: each DataLoader worker counts its own. With
+    ``cache_dir``, remote shards opened whole are downloaded there once (at most ``cache_max_bytes``
+    in all, least recently used evicted first; a bigger shard is streamed).
     """
 
     max_attempts: int = 8
@@ -228,14 +228,22 @@ class ShardIO:
     cache_dir: str | None = None
     cache_max_bytes: int | None = None
     block_size: int = 8 << 20
-    retries: Counter[str] = field(default_factory=Counter, init=False, compare=False, repr=False)
+    _retries: Counter[str] = field(default_factory=Counter, init=False, compare=False, repr=False)
+    _pid: int | None = field(default_factory=os.getpid, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.block_size < 1:
             raise ValueError(f"max_attempts={self.max_attempts} and block_size={self.block_size}: both >= 1")
 
+    @property
+    def retries(self) -> Counter[str]:
+        """Retries by reason in this process (a forked or unpickled copy starts from zero)."""
+        if self._pid != os.getpid():
+            self._retries, self._pid = Counter(), os.getpid()
+        return self._retries
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "retries": Counter()}
+        return {**self.__dict__, "_pid": None}
 
     def open(
         self, url: str, start: int = 0, end: int | None = None, stats: RecordStats | None = None
