@@ -30,7 +30,8 @@ FAST = {"backoff_s": 0.001, "max_backoff_s": 0.01}
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """Serves ``root`` with Range, HEAD, Content-Length and ETag; counts GETs and bytes sent; with
+    """Serves ``root`` with Range, HEAD, Content-Length and ETag; counts requests (``hits``), GETs and
+    the bytes they sent; with
     ``fail_every=n`` GETs number 1, n+1, 2n+1... are answered by a 503 or a body cut in half, alternately.
     HEADs fail too (always with a 503, as do GETs then) only with ``fail_head``: fsspec falls back from
     HEAD to GET by itself, which would hide a failure;
@@ -41,7 +42,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, root: Path, fail_every: int = 0, fail_head: bool = False, ranges: bool = True) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.fail_every, self.fail_head, self.ranges = root, fail_every, fail_head, ranges
-        self.requests = self.gets = self.bytes_sent = self.failures = 0
+        self.hits = self.requests = self.gets = self.bytes_sent = self.failures = 0
         self.lock = threading.Lock()
 
     def url(self, path: Path) -> str:
@@ -63,6 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _respond(self, body: bool) -> None:
         server = self.server
         with server.lock:
+            server.hits += 1
             counted = body or server.fail_head
             server.requests += counted
             fail = counted and server.fail_every and (server.requests - 1) % server.fail_every == 0
@@ -233,10 +235,10 @@ def test_cache_serves_second_open_from_disk_and_keeps_under_its_cap(shards, tmp_
         shard_io = ShardIO(cache_dir=str(cache), **FAST)
         with shard_io.open(server.url(tar)) as stream:
             assert stream.read() == tar.read_bytes()
-        gets = server.gets
+        hits = server.hits
         with shard_io.open(server.url(tar)) as stream:
             assert stream.read() == tar.read_bytes()
-        assert server.gets == gets  # served from disk
+        assert server.hits == hits  # served from disk, not even a HEAD
         assert [p.name.endswith(tar.name) for p in cache.iterdir()] == [True]
 
         # A cap that holds one of the two shards: opening the other evicts the least recently used.

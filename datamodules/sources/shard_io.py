@@ -13,6 +13,7 @@ the same range; every retry is counted in ``ShardIO.retries`` and, when given, t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -263,23 +264,11 @@ class ShardIO:
         fs, path = fsspec.core.url_to_fs(url)
         if isinstance(fs, LocalFileSystem):
             return self._open_local(url, path, start, end)
-        size = retrying(url, "info", lambda: _info(fs, path, url)).get("size")
-        if size is None:
-            raise ShardReadError(
-                f"{url}: the server does not report the file size; cannot read it by ranges."
-            )
         if self.cache_dir is not None and start == 0 and end is None:
-            cached = self._cached(url, size, fs, path, retrying)
+            cached = self._cached(url, lambda: self._remote_range(url, fs, path, 0, None, retrying))
             if cached is not None:
                 return cached
-        end = size if end is None else min(end, size)
-
-        def fetch(lo: int, hi: int) -> bytes:
-            return retrying(
-                url, f"bytes {start + lo}-{start + hi}", lambda: _cat(fs, path, url, start + lo, start + hi)
-            )
-
-        return RangeReader(url, fetch, max(end - start, 0), self.block_size)
+        return self._remote_range(url, fs, path, start, end, retrying)
 
     def stamp(self, url: str) -> ShardStamp:
         """Size and version stamp of a shard: local mtime_ns; remote ETag, else Last-Modified/mtime;
@@ -334,18 +323,38 @@ class ShardIO:
 
         return RangeReader(url, fetch, max(end - start, 0), min(self.block_size, 1 << 20), file.close)
 
-    def _cached(self, url: str, size: int, fs: Any, path: str, retrying: Retrying) -> IO[bytes] | None:
-        """The local copy of ``url`` (downloaded now if missing), or None when it exceeds the cap."""
+    def _remote_range(
+        self, url: str, fs: Any, path: str, start: int, end: int | None, retrying: Retrying
+    ) -> RangeReader:
+        """Bytes ``[start, end)`` of a remote file, read by retried range requests (its size first)."""
+        size = retrying(url, "info", lambda: _info(fs, path, url)).get("size")
+        if size is None:
+            raise ShardReadError(
+                f"{url}: the server does not report the file size; cannot read it by ranges."
+            )
+        end = size if end is None else min(end, size)
+
+        def fetch(lo: int, hi: int) -> bytes:
+            lo, hi = start + lo, start + hi
+            return retrying(url, f"bytes {lo}-{hi}", lambda: _cat(fs, path, url, lo, hi))
+
+        return RangeReader(url, fetch, max(end - start, 0), self.block_size)
+
+    def _cached(self, url: str, remote_file: Callable[[], RangeReader]) -> IO[bytes] | None:
+        """The local copy of ``url`` (downloaded from ``remote_file()`` if missing: no request when it
+        is not), or None when the shard is bigger than the cap."""
         folder = Path(self.cache_dir)
-        name = hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + Path(path).name
-        local = folder / name
-        try:
+        local = folder / (hashlib.sha256(url.encode()).hexdigest()[:32] + "-" + url.rsplit("/", 1)[-1])
+        with contextlib.suppress(FileNotFoundError):
             file = open(local, "rb")  # noqa: SIM115 -- returned to the caller
-            os.utime(local)  # most recently used
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the open file still reads
+                os.utime(local)  # most recently used
             return file
-        except FileNotFoundError:
-            pass
+        remote = remote_file()
+        size = remote.seek(0, io.SEEK_END)
+        remote.seek(0)
         if self.cache_max_bytes is not None and size > self.cache_max_bytes:
+            remote.close()
             return None
         folder.mkdir(parents=True, exist_ok=True)
         if self.cache_max_bytes is not None:
@@ -353,14 +362,11 @@ class ShardIO:
         temporary = folder / f".tmp-{uuid.uuid4().hex}"
         try:
             with open(temporary, "wb") as out:
-
-                def fetch(lo: int, hi: int) -> bytes:
-                    return retrying(url, f"bytes {lo}-{hi}", lambda: _cat(fs, path, url, lo, hi))
-
-                shutil.copyfileobj(RangeReader(url, fetch, size, self.block_size), out, self.block_size)
+                shutil.copyfileobj(remote, out, self.block_size)
             os.replace(temporary, local)
         finally:
             temporary.unlink(missing_ok=True)
+            remote.close()
         return open(local, "rb")
 
 
@@ -370,11 +376,8 @@ DEFAULT_SHARD_IO = ShardIO()
 
 def _evict(folder: Path, budget: int) -> None:
     """Delete the least recently used cached shards until the rest take at most ``budget`` bytes."""
-    files = sorted(
-        (entry.stat().st_mtime_ns, entry.stat().st_size, Path(entry.path))
-        for entry in os.scandir(folder)
-        if entry.is_file() and not entry.name.startswith(".tmp-")
-    )
+    entries = [e for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".tmp-")]
+    files = sorted((stat.st_mtime_ns, stat.st_size, Path(e.path)) for e in entries for stat in [e.stat()])
     total = sum(size for _, size, _ in files)
     for _, size, path in files:
         if total <= budget:
@@ -389,7 +392,7 @@ def _info(fs: Any, path: str, url: str) -> dict[str, Any]:
     except FileNotFoundError as error:
         # fsspec's HTTP ``info`` reports every failure as FileNotFoundError, from the real error.
         if error.__cause__ is not None and transient_reason(error.__cause__) is not None:
-            raise error.__cause__ from error
+            raise error.__cause__  # noqa: B904 -- the transient cause is what the retry loop judges
         raise FileNotFoundError(f"Shard not found: {url}") from error
 
 
