@@ -348,7 +348,7 @@ class ShardIO:
         with contextlib.suppress(FileNotFoundError):
             file = open(local, "rb")  # noqa: SIM115 -- returned to the caller
             with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the open file still reads
-                os.utime(local)  # most recently used
+                _touch(local)
             return file
         remote = remote_file()
         size = remote.seek(0, io.SEEK_END)
@@ -364,6 +364,7 @@ class ShardIO:
             with open(temporary, "wb") as out:
                 shutil.copyfileobj(remote, out, self.block_size)
             os.replace(temporary, local)
+            _touch(local)
         finally:
             temporary.unlink(missing_ok=True)
             remote.close()
@@ -372,6 +373,13 @@ class ShardIO:
 
 DEFAULT_SHARD_IO = ShardIO()
 """What ``open_shard`` uses: default retries, no cache."""
+
+
+def _touch(path: Path) -> None:
+    """Mark a cached shard most recently used: its mtime is the LRU clock. ``time.time_ns()``, not the
+    kernel's file-time clock, which only ticks every few milliseconds (two opens would tie)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _evict(folder: Path, budget: int) -> None:
