@@ -7,7 +7,8 @@ Logged with ``pl_module.log_dict`` (so TensorBoard or any Lightning logger gets 
 - ``perf/mfu``: model FLOPs per second / ``peak_flops`` (see ``training_flops``);
 - ``batch/padding_pct``: 100 * (1 - real tokens / token slots); ``batch/image_token_pct``: 100 *
   ``<image>`` tokens (the positions the visual tokens fill) / real tokens; ``batch/images_per_row``;
-- ``data/skipped/<source>/<reason>``: records skipped so far, from ``trainer.datamodule.record_stats()``
+- ``data/skipped/<source>/<reason>``: records skipped so far, and ``data/retries/<source>/<reason>``:
+  transient read errors retried so far (remote shards), from ``trainer.datamodule.record_stats()``
   when the DataModule has it.
 """
 
@@ -153,4 +154,6 @@ class Telemetry(Callback):
         for source, stats in (record_stats() if record_stats else {}).items():
             for reason, count in stats.skipped.items():
                 metrics[f"data/skipped/{source}/{reason}"] = float(count)
+            for reason, count in stats.retries.items():
+                metrics[f"data/retries/{source}/{reason}"] = float(count)
         return metrics

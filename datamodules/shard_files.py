@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import webdataset
 from PIL import Image
 
 _VALUE = {"dtype": "string", "_type": "Value"}
@@ -27,23 +28,24 @@ HF_FEATURES = {
 
 
 def write_tar(path: Path, records: Iterable[tuple[str, dict[str, bytes]]], dot_slash: bool = False) -> Path:
-    """A webdataset tar of ``(key, {suffix: bytes})`` records, suffixes sorted as ``TarWriter`` does.
+    """A webdataset tar of ``(key, {suffix: bytes})`` records, written by webdataset's ``TarWriter``
+    (members ``{key}.{suffix}``, suffixes sorted; mtime 0 and no owner names, so the same records
+    always give the same bytes).
 
     ``dot_slash`` reproduces m4's ``tar --sort=name -C dir .``: a ``./`` directory entry first and
-    ``./``-prefixed member names, all sorted by name.
+    ``./``-prefixed member names, all sorted by name (records sorted by ``key + "."`` then suffix).
     """
-    members = [
-        (f"{key}.{suffix}", data) for key, record in records for suffix, data in sorted(record.items())
-    ]
+    if dot_slash:
+        records = sorted(((f"./{key}", record) for key, record in records), key=lambda item: item[0] + ".")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
+    with (
+        open(path, "wb") as stream,
+        webdataset.TarWriter(stream, user="", group="", mtime=0, encoder=False, format="PAX_FORMAT") as tar,
+    ):
         if dot_slash:
-            tar.addfile(_dir_info())
-            members = sorted((f"./{name}", data) for name, data in members)
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o444, 0
-            tar.addfile(info, io.BytesIO(data))
+            tar.tarstream.addfile(_dir_info())  # TarWriter writes only files; m4's tars begin with "./"
+        for key, record in records:
+            tar.write({"__key__": key, **record})
     return path
 
 

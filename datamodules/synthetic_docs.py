@@ -16,6 +16,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,6 +54,9 @@ def random_document(rng: random.Random, n_pages: int, n_lines: tuple[int, int] =
     ]
 
 
+_PDF_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
 def write_pdf(pages: list[list[str]], rng: random.Random) -> tuple[bytes, list[dict]]:
     """A real PDF of ``pages`` (lines of words) and its PDFA-style OCR JSON pages.
 
@@ -61,6 +65,7 @@ def write_pdf(pages: list[list[str]], rng: random.Random) -> tuple[bytes, list[d
     """
     width, height = PAGE_SIZE
     pdf = FPDF(unit="pt", format=PAGE_SIZE)
+    pdf.set_creation_date(_PDF_DATE)  # not "now": the same seed must give byte-identical shards
     pdf.set_auto_page_break(False)
     pdf.set_font("helvetica", size=FONT_SIZE)
     json_pages = []

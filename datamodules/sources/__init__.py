@@ -1,8 +1,8 @@
 """Dataset readers (one module per on-disk format) and ``iter_samples``, the way to stream any of them.
 
 ``iter_samples(source, urls, **options)`` expands ``urls`` (paths, globs, brace patterns such as
-``shard-{0000..0099}.tar``, URLs) into shards and streams their ``Sample``s in order; skipped
-records are counted on the returned iterator's ``.stats`` (reason -> count).
+``shard-{0000..0099}.tar``, URLs, ``pipe:`` commands) into shards and streams their ``Sample``s in
+order; skipped records and retried reads are counted on the returned iterator's ``.stats``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,24 @@ _GLOB_CHARS = set("*?[")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from paths, globs, brace patterns and URLs, in the given order (globs sorted; their
-    wildcards do not match hidden names).
+    """Shard list from paths, globs, brace patterns, URLs and ``pipe:`` commands, in the given order
+    (globs sorted; their wildcards do not match hidden names).
 
-    A pattern that matches nothing, or a plain path that does not exist, raises
-    ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing.
+    A local pattern that matches nothing, or a local path that does not exist, raises
+    ``FileNotFoundError`` with the pattern: a typo fails fast instead of streaming nothing. Remote URLs
+    (``https://``, ``s3://``, ``hf://``...) without a glob and ``pipe:`` commands (brace patterns
+    expanded, globs left to the shell) are kept as they are: they are checked when opened.
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     shards: list[str] = []
     for pattern in patterns:
         for url in braceexpand.braceexpand(pattern):
+            scheme = url.split("://", 1)[0] if "://" in url else ""
+            if url.startswith("pipe:") or (
+                scheme not in ("", "file") and (scheme in ("http", "https") or not _GLOB_CHARS & set(url))
+            ):
+                shards.append(url)  # remote: existence is checked when the shard is opened
+                continue
             fs, path = fsspec.core.url_to_fs(url)
             if _GLOB_CHARS & set(path):
                 # like a shell, wildcards skip hidden names (e.g. the .shard-index folders)
@@ -42,8 +50,6 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
                     raise FileNotFoundError(f"No shard matches {url!r}.")
                 protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
                 shards += [protocol + match if protocol else match for match in matches]
-            elif "://" in url and not url.startswith("file://"):
-                shards.append(url)  # remote: existence is checked when the shard is opened
             elif not fs.exists(path):
                 raise FileNotFoundError(f"Shard not found: {url}")
             else:

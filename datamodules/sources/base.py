@@ -1,20 +1,20 @@
-"""What every reader shares: skip accounting, shard opening, and the reader registry.
+"""What every reader shares: skip accounting and the reader registry.
 
-A reader is a function ``read(shard: str, stats: RecordStats, **options) -> Iterator[Sample]`` that
-streams ONE shard (a local path or a URL) in a deterministic order. Bad records (corrupt images,
-invalid JSON, null rows, missing members...) are skipped with ``stats.skip(reason)``; nothing else
-is ever dropped silently (filters count their drops too, under ``filtered:<name>``). A shard that
-cannot be opened at all raises ``FileNotFoundError`` with its path. Readers register themselves
-with ``@register("name")`` so ``iter_samples(source, urls)`` can find them.
+A reader is a function ``read(shard: str, stats: RecordStats, *, span=None, **options) ->
+Iterator[Sample]`` that streams ONE shard (a local path, an fsspec URL or a ``pipe:`` command) in a
+deterministic order, or only the records of ``span`` (``records.RecordSpan``). Bad records (corrupt
+images, invalid JSON, null rows, missing members...) are skipped with ``stats.skip(reason)``; nothing
+else is ever dropped silently (filters count their drops too, under ``filtered:<name>``). A shard that
+cannot be opened at all raises ``FileNotFoundError`` with its path. Readers read through the
+primitives of ``records`` (tar groups, parquet rows), which open shards with ``ShardIO`` and count
+its retries in ``stats``. Readers register themselves with ``@register("name")`` so
+``iter_samples(source, urls)`` can find them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import IO
-
-import fsspec
 
 from datamodules.sample import Sample
 
@@ -22,12 +22,18 @@ Reader = Callable[..., Iterator[Sample]]
 READERS: dict[str, Reader] = {}
 
 
+_RETRY = "retry:"
+
+
 class RecordStats:
-    """Counts of records read and skipped (by reason), shared by every reader of a stream."""
+    """Counts of records read and skipped (by reason), shared by every reader of a stream, and of the
+    transient read errors retried while streaming (by reason; retries lose no record, so they are
+    never counted as skips)."""
 
     def __init__(self) -> None:
         self.read = 0
         self.skipped: Counter[str] = Counter()
+        self.retries: Counter[str] = Counter()
 
     def ok(self) -> None:
         """Count one record yielded."""
@@ -35,24 +41,39 @@ class RecordStats:
 
     def skip(self, reason: str) -> None:
         """Count one record dropped, under ``reason`` (e.g. ``"corrupt_image"``, ``"invalid_json"``)."""
+        if reason == "read" or reason.startswith(_RETRY):
+            raise ValueError(
+                f"{reason!r} is reserved in RecordStats.as_dict(); name the skip reason otherwise."
+            )
         self.skipped[reason] += 1
 
+    def count_retry(self, reason: str) -> None:
+        """Count one retried read (e.g. ``"connection"``, ``"http_503"``): nothing was lost."""
+        self.retries[reason] += 1
+
     def as_dict(self) -> dict[str, int]:
-        """``{"read": n, "<reason>": n, ...}``, e.g. for logging."""
-        return {"read": self.read, **dict(self.skipped)}
+        """``{"read": n, "<skip reason>": n, ..., "retry:<reason>": n, ...}``, e.g. for logging;
+        ``RecordStats.from_dict`` turns it back into the same counts."""
+        return {"read": self.read, **dict(self.skipped), **{_RETRY + r: n for r, n in self.retries.items()}}
 
     @classmethod
     def from_dict(cls, counts: dict[str, int]) -> RecordStats:
-        """Inverse of ``as_dict`` (e.g. counts sent from a dataloader worker)."""
+        """The ``RecordStats`` whose ``as_dict()`` is ``counts`` (e.g. sent back by a dataloader worker)."""
         stats = cls()
-        stats.read = counts.get("read", 0)
-        stats.skipped = Counter({reason: n for reason, n in counts.items() if reason != "read"})
+        for key, count in counts.items():
+            if key == "read":
+                stats.read = count
+            elif key.startswith(_RETRY):
+                stats.retries[key.removeprefix(_RETRY)] = count
+            else:
+                stats.skipped[key] = count
         return stats
 
     def merge(self, other: RecordStats) -> None:
         """Add another stream's counts (e.g. from dataloader workers) to these."""
         self.read += other.read
         self.skipped.update(other.skipped)
+        self.retries.update(other.retries)
 
 
 def register(name: str) -> Callable[[Reader], Reader]:
@@ -63,23 +84,6 @@ def register(name: str) -> Callable[[Reader], Reader]:
         return reader
 
     return add
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """Open a shard for binary reading: local path, ``file://``, or any fsspec URL (``https://``, ``s3://``).
-
-    Raises ``FileNotFoundError`` naming the shard when it does not exist.
-    """
-    try:
-        return fsspec.open(url, "rb").open()
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"Shard not found: {url}") from error
-
-
-def read_bytes(url: str) -> bytes:
-    """The whole content of a (small) shard or side file."""
-    with open_shard(url) as stream:
-        return stream.read()
 
 
 def get_reader(source: str) -> Reader:

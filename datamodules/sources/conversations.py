@@ -35,7 +35,7 @@ DOCMATIX_PDF_SCHEMA = pa.schema([("pdf", pa.binary()), ("texts", TEXTS_TYPE)])
 
 
 def iter_parquet_rows(
-    shard: str, schemas: list[pa.Schema], span: RecordSpan | None = None
+    shard: str, schemas: list[pa.Schema], span: RecordSpan | None = None, stats: RecordStats | None = None
 ) -> Iterator[tuple[pa.Schema, int, dict]]:
     """``(schema, row index, row)`` for each row of a parquet shard (or of ``span``), one row group in
     memory at a time.
@@ -44,7 +44,7 @@ def iter_parquet_rows(
     schema means the shard belongs to another dataset or config, and raises ``ValueError`` naming the
     shard, the expected and the found columns.
     """
-    with open_parquet(shard, span) as file:
+    with open_parquet(shard, span, stats) as file:
         found = file.schema_arrow
         schema = next((s for s in schemas if found.remove_metadata().equals(s)), None)
         if schema is None:
@@ -102,7 +102,7 @@ def _read_parquet(
 ) -> Iterator[Sample]:
     """Shared body of the parquet readers: one ``Sample`` per row, bad rows counted by reason."""
     subset = posixpath.basename(posixpath.dirname(shard.rstrip("/")))
-    for schema, index, row in iter_parquet_rows(shard, schemas, span):
+    for schema, index, row in iter_parquet_rows(shard, schemas, span, stats):
         try:
             turns = _turns(row["texts"], max_turn_chars)
             images = _row_images(schema, row, dpi, max_side)

@@ -104,7 +104,7 @@ def _parquet_pairs(
 ) -> Iterator[Sample]:
     if store is None:
         raise ValueError(f"{shard}: LAION-COCO parquet holds image URLs; pass image_store= to resolve them.")
-    with open_parquet(shard, span) as parquet:
+    with open_parquet(shard, span, stats) as parquet:
         missing = {"URL", column} - set(parquet.schema_arrow.names)
         if missing:
             raise ValueError(

@@ -188,7 +188,7 @@ def _read_parquet(
 ) -> Iterator[Sample]:
     if documents.store is None:
         raise ValueError(f"{shard}: OBELICS parquet holds image URLs; pass image_store= to resolve them.")
-    with open_parquet(shard, span) as parquet:
+    with open_parquet(shard, span, stats) as parquet:
         missing = {"images", "texts"} - set(parquet.schema_arrow.names)
         if missing:
             raise ValueError(

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.sources.base import RecordStats
-from datamodules.sources.shard_io import ShardIO
+from datamodules.sources.shard_io import DEFAULT_SHARD_IO, ShardIO
 from vlm.processing.image import load_image
 
 _WEBDATASET_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -131,7 +131,7 @@ def iter_tar_groups(
     from a complete one; its last record then usually fails its reader's missing-member check.
     """
     if span is None:
-        groups = _read_tar(shard, stats, ShardIO(), 0, None, compressed=True)
+        groups = _read_tar(shard, stats, DEFAULT_SHARD_IO, 0, None, compressed=True)
     else:
         read = _read_tar(shard, stats, span.io, span.byte_start, span.byte_end, span.compressed)
         groups = span.emit(shard, list(read))
@@ -150,7 +150,7 @@ def _read_tar(
     ranged = not compressed
     started = False
     try:
-        stream = io.open(shard, byte_start, byte_end) if ranged else io.open(shard)
+        stream = io.open(shard, byte_start, byte_end, stats) if ranged else io.open(shard, stats=stats)
         with stream, tarfile.open(fileobj=stream, mode="r|" if ranged else "r|*") as archive:
             started = True
             first, end = (0, None) if ranged else (byte_start, byte_end)
@@ -162,9 +162,12 @@ def _read_tar(
 
 
 @contextmanager
-def open_parquet(shard: str, span: RecordSpan | None = None) -> Iterator[pq.ParquetFile]:
-    """A ``pyarrow`` ``ParquetFile`` over the shard (only the footer and the row groups read are fetched)."""
-    with (span.io if span is not None else ShardIO()).open(shard) as stream:
+def open_parquet(
+    shard: str, span: RecordSpan | None = None, stats: RecordStats | None = None
+) -> Iterator[pq.ParquetFile]:
+    """A ``pyarrow`` ``ParquetFile`` over the shard (only the footer and the row groups read are
+    fetched); read retries are counted in ``stats``."""
+    with (span.io if span is not None else DEFAULT_SHARD_IO).open(shard, stats=stats) as stream:
         yield pq.ParquetFile(stream)
 
 
