@@ -73,32 +73,40 @@ class SourceOrder:
             raise ValueError(
                 f"Source {name!r} has no readable record in its {len(urls)} shards {urls[:3]}..."
             )
-        self.blocks: list[Block] = []
+        # (shard, start, stop) per block, as one array: a web-scale source has millions of blocks
+        cuts = []
         for number, index in enumerate(indexes):
+            starts = np.arange(0, index.records, block_size)
             if index.records == 0 and index.damage:
-                self.blocks.append(Block(number, 0, 0, index.damage))  # read only to count the damage
-            for start in range(0, index.records, block_size):
-                stop = min(start + block_size, index.records)
-                self.blocks.append(
-                    Block(number, start, stop, index.damage if stop == index.records else None)
-                )
+                starts = np.zeros(1, dtype=np.int64)  # an empty block, read only to count the damage
+            stops = np.minimum(starts + block_size, index.records)
+            cuts.append(np.stack([np.full_like(starts, number), starts, stops], axis=1))
+        self._blocks = np.concatenate(cuts).astype(np.int64)
+        self._damage = [(index.records, index.damage) for index in indexes]
         self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def block_count(self) -> int:
+        """Blocks per pass."""
+        return len(self._blocks)
 
     def _permutation(self, pass_number: int) -> np.ndarray:
         if pass_number not in self._permutations:
             if len(self._permutations) > 2:
                 self._permutations.pop(min(self._permutations))
             rng = np.random.default_rng(_seed_words("blocks", self.seed, self.name, pass_number))
-            count = len(self.blocks)
+            count = self.block_count
             self._permutations[pass_number] = rng.permutation(count) if self.shuffle else np.arange(count)
         return self._permutations[pass_number]
 
     def block(self, partition: int, ordinal: int) -> tuple[Block, list[int] | None]:
         """The ``ordinal``-th block of ``partition`` and the order of its records (``None``: shard order)."""
-        pass_number, slot = divmod(partition + ordinal * self.partitions, len(self.blocks))
+        pass_number, slot = divmod(partition + ordinal * self.partitions, self.block_count)
         number = int(self._permutation(pass_number)[slot])
-        block = self.blocks[number]
-        size = block.stop - block.start
+        shard, start, stop = (int(value) for value in self._blocks[number])
+        records, damage = self._damage[shard]
+        block = Block(shard, start, stop, damage if stop == records else None)
+        size = stop - start
         if not self.shuffle or size < 2:
             return block, None
         return block, random.Random(f"records-{self.seed}-{self.name}-{pass_number}-{number}").sample(
@@ -107,7 +115,7 @@ class SourceOrder:
 
     def fingerprint(self) -> list[Any]:
         """What fixes this order: shards (URL, size, stamp), block cut, seed and shuffle."""
-        return [self.name, self.shards, len(self.blocks), self.seed, self.shuffle]
+        return [self.name, self.shards, self.block_count, self.seed, self.shuffle]
 
 
 SourceCursor = tuple[int, int, int]  # (block ordinal, record position in the block's order, samples taken)

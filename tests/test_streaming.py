@@ -155,7 +155,7 @@ def test_truncated_tar_yields_its_complete_records_and_counts_once(tmp_path):
 def test_each_pass_reads_every_record_once_over_the_partitions(tmp_path, partitions):
     urls = write_key_shards(tmp_path, 3)
     stream = order_of(urls, partitions)
-    blocks = len(stream.order.blocks)
+    blocks = stream.order.block_count
     seen = []
     for p in range(partitions):
         reader = PartitionSource(stream, p, (0, 0, 0), RecordStats())
