@@ -51,3 +51,17 @@ def test_benchmark_runs_and_ends_with_its_json_line(script, args, measures):
     assert {r["measure"] for r in results} == measures
     for result in results:
         assert set(result) == KEYS and result["ours"] > 0 and result["reference"] > 0 and result["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_resume_benchmark_seeks_to_the_replayed_batch():
+    """bench/resume.py stops with an error unless the batch after a seek equals the replayed one."""
+    args = ["--positions", "20", "300", "--samples", "600"]
+    command = [sys.executable, str(BENCH / "resume.py"), *args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["measure"] for r in results] == [
+        f"time to first batch, resume at {n} samples" for n in (20, 300)
+    ]
+    assert all(set(r) == KEYS and r["ours"] > 0 and r["reference"] > 0 for r in results)
