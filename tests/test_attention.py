@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_padding_free import documents, packed_model
+from test_padding_free import documents, packed_model, reference_varlen
 
 from datamodules.packing import collate_rows
 from vlm import attention
@@ -75,23 +74,6 @@ def test_flex_attention_packed_logits_equal_each_document_alone(preset):
     finally:
         attention.AttentionInterface._global_mapping["flex_attention"] = flex
     assert seen and set(seen) == {"BlockMask"}
-
-
-def reference_varlen(
-    q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
-):
-    """torch's varlen_attn contract (CUDA only) on CPU: each sequence through sdpa on its own."""
-    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
-    assert max_q == max_k == int(cu_q.diff().max())
-    assert window_size[0] == -1 or window_size[0] >= max_q  # a sliding window longer than every sequence
-    out = torch.empty_like(q)
-    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        parts = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-        causal = window_size[1] == 0
-        out[start:end] = F.scaled_dot_product_attention(
-            *parts, is_causal=causal, scale=scale, enable_gqa=enable_gqa
-        ).transpose(0, 1)
-    return out
 
 
 @pytest.mark.parametrize("preset", ["idefics2-tiny", "idefics3-tiny"])

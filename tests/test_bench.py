@@ -32,6 +32,11 @@ KEYS = {"measure", "ours", "reference", "unit", "ratio", "goal"}
         ),
         ("generation.py", ["--prompts", "2", "--new-tokens", "4", "--repeats", "1"], {"generation tokens/s"}),
         (
+            "gpu_training.py",
+            ["--rows", "2", "--steps", "1", "--repeats", "1"],
+            {f"a/{side} {m}" for side in "bc" for m in ("tokens/s", "peak memory", "MFU")},
+        ),
+        (
             "packed_attention.py",
             ["--lengths", "512", "--repeats", "1"],
             {

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_packing import encode, image
 from test_processor import tiny_processor
 
 from datamodules.packing import Document, collate_rows
+from vlm import attention
 from vlm.config import IGNORE_INDEX
 
 TEXTS = [
@@ -86,11 +88,25 @@ def test_packed_loss_is_the_sum_of_the_documents_losses(preset, fusion, immediat
             start += len(doc)
 
 
-def test_the_language_model_gets_varlen_arguments_and_no_mask():
-    """Spy on the decoder's call: flattened position_ids, cu_seq_lens / max_length, no attention mask."""
-    processor, model = packed_model("idefics3-tiny", "autoregressive")
-    docs = documents(processor)
-    batch = collate_rows([docs[:2], docs[2:]], pad_token_id=0, seq_len=200)
+def reference_varlen(
+    q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
+    """torch's varlen_attn contract (CUDA only) on CPU: each sequence through sdpa on its own."""
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    assert max_q == max_k == int(cu_q.diff().max())
+    assert window_size[0] == -1 or window_size[0] >= max_q  # a sliding window longer than every sequence
+    out = torch.empty_like(q)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        parts = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        causal = window_size[1] == 0
+        out[start:end] = F.scaled_dot_product_attention(
+            *parts, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+        ).transpose(0, 1)
+    return out
+
+
+def decoder_calls(model, batch) -> list[dict]:
+    """The keyword arguments of every call of the language model's decoder during a packed forward."""
     seen = []
     decoder = model.language_model.base_model
     handle = decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
@@ -99,7 +115,17 @@ def test_the_language_model_gets_varlen_arguments_and_no_mask():
             model(**batch, return_logits=False)
     finally:
         handle.remove()
-    (kwargs,) = seen
+    return seen
+
+
+def test_a_varlen_kernel_gets_the_flattened_rows_and_no_mask(monkeypatch):
+    """Spy on the decoder's call: flattened position_ids, cu_seq_lens / max_length, no attention mask."""
+    monkeypatch.setattr(attention.torch_varlen, "varlen_attn", reference_varlen)  # CUDA-only kernel
+    processor, model = packed_model("idefics3-tiny", "autoregressive")
+    model.float().language_model.config._attn_implementation = "varlen"
+    docs = documents(processor)
+    batch = collate_rows([docs[:2], docs[2:]], pad_token_id=0, seq_len=200)
+    (kwargs,) = decoder_calls(model, batch)
     assert kwargs["attention_mask"] is None
     assert kwargs["inputs_embeds"].shape[:2] == (1, 400)
     torch.testing.assert_close(kwargs["position_ids"], batch["position_ids"].reshape(1, -1))
@@ -109,6 +135,18 @@ def test_the_language_model_gets_varlen_arguments_and_no_mask():
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         assert kwargs[key].dtype == torch.int32 and torch.equal(kwargs[key], expected)
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == max(lengths)
+
+
+def test_sdpa_keeps_the_rows_and_gets_no_mask():
+    """sdpa: rows kept (flattened, it would compute every cross-row block), per-row position_ids, no mask
+    from us (transformers builds each row's boolean block mask from the position ids)."""
+    processor, model = packed_model("idefics3-tiny", "autoregressive")
+    docs = documents(processor)
+    batch = collate_rows([docs[:2], docs[2:]], pad_token_id=0, seq_len=200)
+    (kwargs,) = decoder_calls(model, batch)
+    assert kwargs["attention_mask"] is None and kwargs["inputs_embeds"].shape[:2] == (2, 200)
+    assert torch.equal(kwargs["position_ids"], batch["position_ids"])
+    assert not any(key.startswith(("cu_seq_lens", "max_length")) for key in kwargs)
 
 
 def test_a_partial_padding_free_batch_is_refused():

@@ -25,6 +25,8 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_availa
 
 CHOICES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 VARLEN = "varlen"
+#: Implementations that read ``cu_seq_lens`` (a padding-free batch is flattened to one row for them).
+VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3", VARLEN})
 
 
 def _unavailable(choice: str) -> str | None:

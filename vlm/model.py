@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from vlm.attention import VARLEN_KERNELS
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
 from vlm.connectors import PerceiverConnector, build_connector
 from vlm.cross_attention import CrossAttentionFusion, CrossAttentionMedia, media_by_sample, text_image_index
@@ -293,35 +294,40 @@ class VisionLanguageModel(nn.Module):
         stay within each document), two layouts (``vlm.packed``):
         - padding-free (transformers' contract): ``position_ids`` restarting at 0 at each document start,
           ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the rows flattened to one, no
-          ``attention_mask``. The rows are flattened and those go to the language model's attention;
-          ``document_ids``, if given, is not used. Logits keep the (batch, seq) layout.
+          ``attention_mask``; ``document_ids``, if given, is not used. With a varlen kernel
+          (``vlm.attention.VARLEN_KERNELS``) the rows are flattened to one and the kernel gets those;
+          sdpa / flex_attention / eager keep the rows and transformers builds each row's document mask
+          (boolean, or a BlockMask) from ``position_ids``. Logits keep the (batch, seq) layout.
         - dense baseline: ``document_ids`` (batch, seq; 0 = padding) without ``cu_seq_lens``: the model
           builds a causal block-diagonal (batch, 1, seq, seq) mask in place of ``attention_mask``.
         """
         varlen = padding_free_kwargs(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)
+        padding_free = varlen is not None
+        if padding_free and attention_mask is not None:
+            raise ValueError(
+                "A padding-free batch (cu_seq_lens_q/k, max_length_q/k) takes no attention_mask: collate it "
+                "with datamodules.packing.collate_rows."
+            )
+        packed = padding_free or document_ids is not None
+        if packed and position_ids is None:
+            raise ValueError("Packed rows need per-document position_ids (restarting at 0 at each document).")
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, pixel_attention_mask)
         rows = input_ids.shape
-        if varlen is not None:
-            if attention_mask is not None or position_ids is None:
-                raise ValueError(
-                    "A padding-free batch (cu_seq_lens_q/k, max_length_q/k) takes per-document position_ids "
-                    "and no attention_mask: collate it with datamodules.packing.collate_rows."
-                )
+        if padding_free and self.language_model.config._attn_implementation in VARLEN_KERNELS:
             if (
                 self.config.fusion == "autoregressive"
                 and tiles_per_sample is not None
                 and image_features is not None
             ):
-                self._check_tiles_per_sample(input_ids, tiles_per_sample, image_features.shape[1])
+                self._check_tiles_per_sample(input_ids, tiles_per_sample, image_features.shape[1])  # per row
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
             labels = None if labels is None else labels.reshape(1, -1)
             tiles_per_sample = None
-        packed = varlen is not None or document_ids is not None
-        if packed and position_ids is None:
-            raise ValueError("Packed rows need per-document position_ids (restarting at 0 at each document).")
+        else:  # sdpa, flex, eager: transformers builds each row's document mask from its position_ids
+            varlen = None
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
-        if varlen is None and document_ids is not None:
+        if document_ids is not None and not padding_free:
             attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
         head = None if return_logits or labels is None else self._plain_output_embedding
         # No KV cache: a full forward (training, scoring) does not reuse it, and activation checkpointing

@@ -2,11 +2,12 @@
 
 Padding-free (transformers' contract, what ``datamodules.packing.collate_rows`` makes): per-document
 ``position_ids`` restarting at 0 plus ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the batch
-flattened to one row, and no attention mask. The model flattens the rows and hands those to the
-language model; varlen kernels (flash attention, torch's varlen) read ``cu_seq_lens``, ``flex_attention``
-builds a document ``BlockMask`` and ``sdpa`` a boolean block mask from ``position_ids`` (transformers
-does both). No (seq x seq) tensor is built here, except by ``document_attention_mask``: the dense
-baseline that packed rows used before (kept to measure against, ``collate_rows(padding_free=False)``).
+flattened to one row, and no attention mask. For varlen kernels (flash attention, torch's varlen) the
+model flattens the rows and hands them those; for ``flex_attention`` (a document ``BlockMask``) and
+``sdpa`` (a boolean block mask) it keeps the rows, and transformers builds the masks from ``position_ids``
+(flattened, sdpa would compute and mask every cross-row block too). No (seq x seq) tensor is built
+here, except by ``document_attention_mask``: the dense baseline that packed rows used before (kept to
+measure against, ``collate_rows(padding_free=False)``).
 """
 
 from __future__ import annotations
