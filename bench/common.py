@@ -118,7 +118,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
+    """The batch's tensors on ``device`` (other values, e.g. ``max_length_q``, as they are)."""
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }
 
 
 def interleaved_seconds(

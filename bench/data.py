@@ -72,7 +72,7 @@ def main() -> None:
         rows += pack(windows[first : first + 256], SEQ_LEN, max_tiles=64)
     batches = [collate_rows(rows[i : i + BATCH], 0, SEQ_LEN) for i in range(0, len(rows), BATCH)]
     seconds = time.perf_counter() - start
-    packed = sum(float(b["attention_mask"].sum()) for b in batches) / (len(rows) * SEQ_LEN)
+    packed = sum(float((b["document_ids"] > 0).sum()) for b in batches) / (len(rows) * SEQ_LEN)
     padded_rows = [[w] for w in windows]
     padded = sum(
         packing_efficiency(collate_rows(padded_rows[i : i + BATCH], 0)) * len(padded_rows[i : i + BATCH])

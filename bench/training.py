@@ -62,7 +62,11 @@ def packed_batches(docs: list[Document], n_steps: int) -> list[dict[str, torch.T
 
 
 def real_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
-    return sum(int(b["attention_mask"].sum()) for b in batches)
+    """Real (non-padding) tokens: packed batches mark them by ``document_ids``, padded ones by the mask."""
+    return sum(
+        int((b["document_ids"] > 0).sum() if "document_ids" in b else b["attention_mask"].sum())
+        for b in batches
+    )
 
 
 def train_pass(
@@ -134,7 +138,7 @@ def main() -> None:
     tokens = real_tokens(reference_batches)
     assert tokens == real_tokens(our_batches), "both sides must see the same tokens"
     slots = sum(b["attention_mask"].numel() for b in reference_batches)
-    packed_slots = sum(b["attention_mask"].numel() for b in our_batches)
+    packed_slots = sum(b["input_ids"].numel() for b in our_batches)
 
     with torch.no_grad():
         expected = float(reference(**reference_batches[0]).loss)

@@ -6,11 +6,16 @@ token run (from the ``<fake_token_around_image>`` before its first ``<image>`` t
 its last, Idefics3 tile tags and row breaks included) is never cut, and a document holding a run
 that cannot fit a window is dropped and counted (``too_long_image_span``), never misaligned.
 ``pack`` fills rows of ``max_seq_len`` tokens and at most ``max_tiles`` tiles by best-fit
-decreasing; ``RowPacker`` does it window by window of a sample stream. ``collate_rows`` makes
-the batch ``VisionLanguageModel.forward`` takes: per-document
-``position_ids`` restarting at 0 and ``document_ids`` (1, 2, ... per row; 0 = padding), from which
-the model builds a causal block-diagonal attention mask. The first token of every document gets
-label -100: it would be predicted from the previous document's last token.
+decreasing; ``RowPacker`` does it window by window of a sample stream. ``collate_rows`` makes the
+batch ``VisionLanguageModel.forward`` takes, padding-free by default (transformers' contract): per-
+document ``position_ids`` restarting at 0, ``cu_seq_lens_q/k`` (int32 document boundaries over the
+batch flattened to one row) and ``max_length_q/k`` (ints), computed here on the CPU (in the loader
+workers), and no attention mask; ``document_ids`` (1, 2, ... per row; 0 = padding) only says which
+tokens are real. The padding at the end of a row is one more sequence of its own (positions 0, 1,
+...; labels -100), so ``cu_seq_lens`` covers the whole flattened batch. ``padding_free=False`` makes
+the dense baseline instead: a padding ``attention_mask`` and ``document_ids``, from which the model
+builds a (batch, 1, seq, seq) block-diagonal mask. The first token of every document gets label
+-100: it would be predicted from the previous document's last token.
 """
 
 from __future__ import annotations
@@ -151,16 +156,32 @@ def _stack_tiles(tiles: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tens
     return pixel_values, mask
 
 
-def collate_rows(rows: Sequence[Sequence[Document]], pad_token_id: int, seq_len: int | None = None) -> dict:
-    """The batch of packed ``rows`` (padded on the right to ``seq_len``, default the longest row)."""
+def collate_rows(
+    rows: Sequence[Sequence[Document]],
+    pad_token_id: int,
+    seq_len: int | None = None,
+    *,
+    padding_free: bool = True,
+) -> dict:
+    """The batch of packed ``rows`` (padded on the right to ``seq_len``, default the longest row).
+
+    Padding-free (default): ``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``document_ids``,
+    no ``attention_mask``; ``padding_free=False``: the dense-mask baseline (``attention_mask`` and
+    ``document_ids``, padding at position 0). See the module docstring.
+    """
     length = seq_len or max(sum(map(len, row)) for row in rows)
+    too_long = [r for r, row in enumerate(rows) if sum(map(len, row)) > length]
+    if too_long:
+        raise ValueError(
+            f"Rows {too_long} hold more than seq_len={length} tokens: pack with max_seq_len <= seq_len."
+        )
     batch = {
         "input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
         "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
         "position_ids": torch.zeros(len(rows), length, dtype=torch.long),
         "document_ids": torch.zeros(len(rows), length, dtype=torch.long),
     }
+    sequence_lengths: list[int] = []  # every document, then the row's padding, row after row
     tiles, masks, tiles_per_image, tiles_per_sample = [], [], [], []
     for r, row in enumerate(rows):
         start = 0
@@ -175,9 +196,21 @@ def collate_rows(rows: Sequence[Sequence[Document]], pad_token_id: int, seq_len:
                 tiles.append(doc.pixel_values)
                 masks.append(doc.pixel_attention_mask)
             tiles_per_image += doc.tiles_per_image
+            sequence_lengths += [len(doc)] if len(doc) else []
             start = end
-        batch["attention_mask"][r, :start] = 1
+        if start < length:
+            sequence_lengths.append(length - start)
+            if padding_free:
+                batch["position_ids"][r, start:] = torch.arange(length - start)
         tiles_per_sample.append(sum(doc.n_tiles for doc in row))
+    if padding_free:
+        cu_seq_lens = torch.zeros(len(sequence_lengths) + 1, dtype=torch.int32)
+        cu_seq_lens[1:] = torch.tensor(sequence_lengths).cumsum(0)
+        longest = max(sequence_lengths)
+        batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens.clone())
+        batch.update(max_length_q=longest, max_length_k=longest)
+    else:
+        batch["attention_mask"] = (batch["document_ids"] > 0).long()
     if tiles:
         batch["pixel_values"], batch["pixel_attention_mask"] = _stack_tiles(tiles, masks)
         batch["tiles_per_sample"] = torch.tensor(tiles_per_sample)
@@ -187,7 +220,7 @@ def collate_rows(rows: Sequence[Sequence[Document]], pad_token_id: int, seq_len:
 
 def packing_efficiency(batch: dict) -> float:
     """Fraction of the batch's token slots that hold a real token (not padding)."""
-    return float(batch["attention_mask"].float().mean())
+    return float((batch["document_ids"] > 0).float().mean())
 
 
 @dataclass

@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lit_modules.optim import LRSchedule, Schedule, param_groups
 from lit_modules.policy import TrainingPolicy, apply_policy, merge_adapters, new_token_rows
-from lit_modules.sharding import checkpoint_blocks, shard, train_rows_sharded
+from lit_modules.sharding import checkpoint_blocks, compile_decoder_blocks, shard, train_rows_sharded
 from vlm.config import (
     END_OF_UTTERANCE_TOKEN,
     ConnectorConfig,
@@ -89,9 +89,12 @@ class VLMModule(LightningModule):
     consecutive ones stop the run. Validation: ``val/loss`` on batches with ``labels``,
     ``val/acc`` on batches with ``answers`` (see ``validation_step``).
     Scale: ``activation_checkpointing`` recomputes each block's activations in backward (any
-    strategy). Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2, block by
-    block (``lit_modules.sharding``); ``fsdp_mixed_precision`` then computes in bf16 with fp32
-    gradient reduction and fp32 sharded weights.
+    strategy); ``compile_blocks`` compiles each decoder layer with ``torch.compile`` (regional: one
+    compile serves every layer; ``lit_modules.sharding.compile_decoder_blocks``); bf16 comes from the
+    trainer's ``precision: bf16-mixed`` (or ``fsdp_mixed_precision`` under FSDP2). Under Lightning's
+    ``ModelParallelStrategy`` the model is sharded with FSDP2, block by block
+    (``lit_modules.sharding``); ``fsdp_mixed_precision`` then computes in bf16 with fp32 gradient
+    reduction and fp32 sharded weights.
     Checkpoints hold the trainable weights (adapters included), the policy and schedule in effect, and
     the frozen weights unless they are still as loaded from a path (``from_transformers``,
     ``vision.pretrained``, ``language.pretrained``; embedding tables always kept): those are read from
@@ -117,6 +120,7 @@ class VLMModule(LightningModule):
         max_nonfinite_steps: int = 10,
         val_max_new_tokens: int = 8,
         activation_checkpointing: bool = False,
+        compile_blocks: bool = False,
         fsdp_mixed_precision: bool = False,
         save_frozen_weights: bool = False,
     ) -> None:
@@ -158,6 +162,8 @@ class VLMModule(LightningModule):
         self.model = self._build().train()  # from_pretrained parts come in eval mode (dropout off)
         self._weights_from_path = self._parameters_from_path()
         self._row_hooks = apply_policy(self.model, self.policy)
+        if self.hparams.compile_blocks:
+            compile_decoder_blocks(self.model)
         if self.hparams.activation_checkpointing:
             checkpoint_blocks(self.model)
         if self.device_mesh is not None:

@@ -32,6 +32,19 @@ KEYS = {"measure", "ours", "reference", "unit", "ratio", "goal"}
         ),
         ("generation.py", ["--prompts", "2", "--new-tokens", "4", "--repeats", "1"], {"generation tokens/s"}),
         (
+            "gpu_training.py",
+            ["--rows", "2", "--steps", "1", "--repeats", "1"],
+            {f"a/{side} {m}" for side in "bc" for m in ("tokens/s", "peak memory", "MFU")},
+        ),
+        (
+            "packed_attention.py",
+            ["--lengths", "512", "--repeats", "1"],
+            {
+                "packed forward+backward tokens/s, 512 tokens",
+                "packed forward+backward peak memory, 512 tokens",
+            },
+        ),
+        (
             "generation.py",
             ["--prompts", "2", "--new-tokens", "4", "--repeats", "1", "--dtype", "bfloat16"],
             {"generation tokens/s"},

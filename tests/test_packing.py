@@ -81,11 +81,23 @@ def test_collate_positions_documents_and_labels():
     rows = [[Document([1, 2, 3], [1, 2, 3]), Document([4, 5], [4, IGNORE_INDEX])], [Document([6], [6])]]
     batch = collate_rows(rows, pad_token_id=0, seq_len=6)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 0, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 0, 0, 0, 0]]
+    # padding-free: the padding at the end of a row is one more sequence, positions restarting at 0
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
     assert batch["document_ids"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 0, 0, 0, 0, 0]]
     # the first token of each document is never predicted from the previous document
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, -100, -100], [-100] + [-100] * 5]
     assert packing_efficiency(batch) == pytest.approx(6 / 12)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):  # boundaries over the batch flattened to one row
+        assert batch[key].dtype == torch.int32 and batch[key].tolist() == [0, 3, 5, 6, 7, 12]
+    assert batch["max_length_q"] == batch["max_length_k"] == 5 and "attention_mask" not in batch
+    dense = collate_rows(rows, pad_token_id=0, seq_len=6, padding_free=False)
+    assert dense["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 0, 0, 0, 0]]
+    assert dense["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
+    assert not any(key.startswith(("cu_seq_lens", "max_length")) for key in dense)
+    full = collate_rows([[Document([1, 2], [1, 2])]], pad_token_id=0)  # no padding: no extra sequence
+    assert full["cu_seq_lens_q"].tolist() == [0, 2]
+    with pytest.raises(ValueError, match="seq_len=1"):
+        collate_rows(rows, pad_token_id=0, seq_len=1)
 
 
 def test_packing_efficiency_on_obelics_like_lengths():

@@ -477,7 +477,7 @@ class StageRecorder(Callback):
         data, group = trainer.datamodule, trainer.optimizers[0].param_groups[0]
         trainable = {n for n, p in pl_module.model.named_parameters() if p.requires_grad}
         optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        labels, mask = batch["labels"], batch["attention_mask"].bool()
+        labels, mask = batch["labels"], batch["document_ids"] > 0
         self.steps[trainer.global_step] = {
             "stage": None if transition is None else transition.stage_index,
             "policy": copy.deepcopy(pl_module.policy),

@@ -41,6 +41,8 @@ class VisionConfig:
     padded images are encoded on their own patch extent in at most this many tower calls per batch
     (images of different extents merge, padded to the larger, beyond it; each call re-gathers the
     tower's weights under FSDP); 1 encodes the whole padded canvas in one call.
+    ``attn_implementation``: the tower's attention (``vlm.attention.CHOICES``; ``auto``: the fastest
+    available on a GPU, sdpa on CPU); timm and open_clip towers run sdpa only.
     """
 
     backend: Literal["siglip", "timm", "open_clip"] = "siglip"
@@ -57,6 +59,7 @@ class VisionConfig:
     patch_mask_rule: Literal["all", "any"] = "all"
     max_size_groups: int = 8
     pretrained: str | None = None
+    attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_size_groups < 1:
@@ -106,13 +109,15 @@ class LanguageConfig:
     or a hub name) loads a saved model instead (``model_type`` and ``config`` are then unused).
     ``special_tokens`` missing from the vocabulary are added (to the tokenizer when there is one,
     else appended after ``config['vocab_size']``) and the embeddings resized to match.
+    ``attn_implementation``: ``vlm.attention.CHOICES`` (``auto``: the fastest available on a GPU, sdpa
+    on CPU).
     """
 
     model_type: str = "mistral"
     config: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     special_tokens: list[str] = field(default_factory=lambda: list(RECIPE_SPECIAL_TOKENS))
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,6 +32,41 @@ def text_image_index(media_locations: torch.Tensor, offset: torch.Tensor | None 
     """
     index = media_locations.long().cumsum(dim=-1)
     return index if offset is None else index + offset[:, None]
+
+
+@dataclass
+class CrossAttentionMedia:
+    """Visual tokens per sample for cross-attention (batch, tokens, dim) and each token's image."""
+
+    media: torch.Tensor
+    media_image_index: torch.Tensor
+
+
+def media_by_sample(
+    images_per_sample: torch.Tensor, image_features: torch.Tensor, tiles_per_image: torch.Tensor
+) -> CrossAttentionMedia:
+    """Group visual tokens (tiles, tokens_per_tile, dim) by sample: image i (its tiles' tokens together)
+    follows the sample's i-th ``<image>`` marker; ``media_image_index`` is its 1-based ordinal, 0 on the
+    padding of samples with fewer visual tokens."""
+    _, tokens_per_tile, dim = image_features.shape
+    device = images_per_sample.device
+    batch = len(images_per_sample)
+    image_sample = torch.repeat_interleave(torch.arange(batch, device=device), images_per_sample)
+    first_image = torch.cumsum(images_per_sample, 0) - images_per_sample
+    image_ordinal = torch.arange(len(image_sample), device=device) - first_image[image_sample] + 1
+    image_tokens = tiles_per_image.to(device) * tokens_per_tile
+    token_sample = torch.repeat_interleave(image_sample, image_tokens)
+    sample_tokens = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
+        0, image_sample, image_tokens
+    )
+    first_token = torch.cumsum(sample_tokens, 0) - sample_tokens
+    token_position = torch.arange(len(token_sample), device=device) - first_token[token_sample]
+    width = max(int(sample_tokens.max()), 1)
+    media = image_features.new_zeros(batch, width, dim)
+    media[token_sample, token_position] = image_features.reshape(-1, dim)
+    media_image_index = torch.zeros(batch, width, dtype=torch.long, device=device)
+    media_image_index[token_sample, token_position] = torch.repeat_interleave(image_ordinal, image_tokens)
+    return CrossAttentionMedia(media, media_image_index)
 
 
 class MaskedCrossAttention(nn.Module):
@@ -59,6 +95,7 @@ class MaskedCrossAttention(nn.Module):
         media: torch.Tensor,
         media_image_index: torch.Tensor,
         text_image_index: torch.Tensor,
+        text_first_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` ``(B, T, D)`` to ``media`` ``(B, M, Dv)``; see ``GatedCrossAttentionBlock``."""
         q = self.to_q(self.norm(x))
@@ -72,6 +109,8 @@ class MaskedCrossAttention(nn.Module):
         else:
             allowed = media_index <= text_index
         allowed = allowed & (media_index > 0)  # (B, T, M); index 0 marks padding media tokens
+        if text_first_image is not None:  # packed rows: only the images of the token's own document
+            allowed = allowed & (media_index >= text_first_image[:, :, None])
         has_media = allowed.any(dim=-1, keepdim=True)
         # Rows with nothing to attend to (text before any image) attend to everything, which keeps
         # the softmax finite, and are zeroed below.
@@ -114,6 +153,7 @@ class GatedCrossAttentionBlock(nn.Module):
         media: torch.Tensor,
         media_image_index: torch.Tensor,
         text_image_index: torch.Tensor,
+        text_first_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Condition text ``x`` ``(B, T, D)`` on ``media`` ``(B, M, Dv)``; returns ``(B, T, D)``.
 
@@ -121,9 +161,12 @@ class GatedCrossAttentionBlock(nn.Module):
         within its sample, 0 for padding tokens. ``text_image_index`` ``(B, T)``: number of images
         at or before each text position (see ``text_image_index()``). A text token attends to the
         tokens of image ``t`` only, or of images ``1..t`` when ``only_attend_immediate_media`` is
-        off; text before any image (``t == 0``) gets no cross-attention output.
+        off; text before any image (``t == 0``) gets no cross-attention output. ``text_first_image``
+        ``(B, T)``, for rows packing several documents: the ordinal of the first image of each text
+        token's document; images before it belong to earlier documents and are never attended to.
         """
-        x = self.attn(x, media, media_image_index, text_image_index) * self.attn_gate.tanh() + x
+        attended = self.attn(x, media, media_image_index, text_image_index, text_first_image)
+        x = attended * self.attn_gate.tanh() + x
         return self.ff(x) * self.ff_gate.tanh() + x
 
 
@@ -189,7 +232,7 @@ class CrossAttentionFusion(nn.Module):
             )
             for _ in self.layer_indices
         )
-        self._conditioning: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._conditioning: tuple[torch.Tensor, ...] | None = None
         self._hook_handles = [
             layers[i].register_forward_pre_hook(partial(self._run_block, block), with_kwargs=True)
             for i, block in zip(self.layer_indices, self.blocks)
@@ -197,7 +240,11 @@ class CrossAttentionFusion(nn.Module):
 
     @contextmanager
     def condition(
-        self, media: torch.Tensor, media_image_index: torch.Tensor, text_image_index: torch.Tensor
+        self,
+        media: torch.Tensor,
+        media_image_index: torch.Tensor,
+        text_image_index: torch.Tensor,
+        text_first_image: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Within this context, the language model's forward passes attend to ``media``.
 
@@ -206,7 +253,7 @@ class CrossAttentionFusion(nn.Module):
         of ``text_image_index()``), while ``media`` holds all the images of the samples.
         """
         previous = self._conditioning
-        self._conditioning = (media, media_image_index, text_image_index)
+        self._conditioning = (media, media_image_index, text_image_index, text_first_image)
         try:
             yield
         finally:
@@ -223,9 +270,9 @@ class CrossAttentionFusion(nn.Module):
     ) -> tuple[tuple, dict[str, Any]] | None:
         if self._conditioning is None:
             return None
-        media, media_image_index, text_image_index = self._conditioning
+        media, *indices = self._conditioning
         media = media.to(block.attn_gate.dtype)
         if args:
-            return (block(args[0], media, media_image_index, text_image_index), *args[1:]), kwargs
-        hidden_states = block(kwargs["hidden_states"], media, media_image_index, text_image_index)
+            return (block(args[0], media, *indices), *args[1:]), kwargs
+        hidden_states = block(kwargs["hidden_states"], media, *indices)
         return args, {**kwargs, "hidden_states": hidden_states}

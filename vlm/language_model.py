@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from vlm.attention import resolve_attention
 from vlm.config import LanguageConfig
 
 
@@ -52,9 +53,10 @@ def build_language_model(
     transformers' mean-preserving initialisation); without a tokenizer they get the ids right
     after the configured vocabulary, which is how the released Idefics vocabularies were made.
     """
+    attention = resolve_attention(cfg.attn_implementation, "language.attn_implementation")
     if cfg.pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(cfg.pretrained), attn_implementation=cfg.attn_implementation
+            resolve_path(cfg.pretrained), attn_implementation=attention
         )
     else:
         try:
@@ -67,9 +69,9 @@ def build_language_model(
         if tokenizer is None and cfg.special_tokens:
             base_vocab = config.get_text_config().vocab_size
             config.get_text_config().vocab_size = base_vocab + len(cfg.special_tokens)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
             return model, {tok: base_vocab + i for i, tok in enumerate(cfg.special_tokens)}
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
 
     if tokenizer is None:
         if cfg.special_tokens:

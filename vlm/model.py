@@ -19,13 +19,15 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from vlm.attention import VARLEN_KERNELS
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
 from vlm.connectors import PerceiverConnector, build_connector
-from vlm.cross_attention import CrossAttentionFusion, text_image_index
+from vlm.cross_attention import CrossAttentionFusion, CrossAttentionMedia, media_by_sample, text_image_index
 from vlm.decoder import CachedDecoder, unsupported_reason
 from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
 from vlm.loss import linear_cross_entropy
+from vlm.packed import document_attention_mask, first_image_of_document, padding_free_kwargs
 from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels, size_groups
 
 #: transformers causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping, scaling).
@@ -41,27 +43,6 @@ class VLMOutput:
     loss: Tensor | None = None
     past_key_values: DynamicCache | None = None
     image_features: Tensor | None = None
-
-
-@dataclass
-class CrossAttentionMedia:
-    """Visual tokens per sample for cross-attention (batch, tokens, dim) and each token's image."""
-
-    media: Tensor
-    media_image_index: Tensor
-
-
-def document_attention_mask(document_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive (batch, 1, seq, seq) mask: token i attends to token j <= i of its own document.
-
-    Padding (document 0) only attends to padding, so no row is fully masked. Used as is by the
-    language model's eager and sdpa attention (transformers passes 4-D masks through unchanged).
-    """
-    seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    allowed = causal & (document_ids[:, :, None] == document_ids[:, None, :])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class VisionLanguageModel(nn.Module):
@@ -178,10 +159,10 @@ class VisionLanguageModel(nn.Module):
     def _cross_attention_media(
         self, input_ids: Tensor, image_features: Tensor, tiles_per_image: Tensor | None
     ) -> CrossAttentionMedia:
-        """Group visual tokens by sample: image i (its tiles' tokens together) follows the sample's
-        i-th ``<image>`` marker."""
+        """Group visual tokens by sample (``vlm.cross_attention.media_by_sample``), after checking that
+        the text holds one ``<image>`` marker per image."""
         images_per_sample = (input_ids == self.image_token_id).sum(1)
-        n_tiles, tokens_per_tile, dim = image_features.shape
+        n_tiles = image_features.shape[0]
         if tiles_per_image is None:
             tiles_per_image = torch.ones(n_tiles, dtype=torch.long, device=input_ids.device)
         if int(tiles_per_image.sum()) != n_tiles:
@@ -189,24 +170,7 @@ class VisionLanguageModel(nn.Module):
                 f"tiles_per_image sums to {int(tiles_per_image.sum())} but {n_tiles} tiles were given."
             )
         self._check_image_count(int(images_per_sample.sum()), len(tiles_per_image), "<image> markers", 1)
-        device = input_ids.device
-        batch = input_ids.shape[0]
-        image_sample = torch.repeat_interleave(torch.arange(batch, device=device), images_per_sample)
-        first_image = torch.cumsum(images_per_sample, 0) - images_per_sample
-        image_ordinal = torch.arange(len(image_sample), device=device) - first_image[image_sample] + 1
-        image_tokens = tiles_per_image.to(device) * tokens_per_tile
-        token_sample = torch.repeat_interleave(image_sample, image_tokens)
-        sample_tokens = torch.zeros(batch, dtype=torch.long, device=device).index_add_(
-            0, image_sample, image_tokens
-        )
-        first_token = torch.cumsum(sample_tokens, 0) - sample_tokens
-        token_position = torch.arange(len(token_sample), device=device) - first_token[token_sample]
-        width = max(int(sample_tokens.max()), 1)
-        media = image_features.new_zeros(batch, width, dim)
-        media[token_sample, token_position] = image_features.reshape(-1, dim)
-        media_image_index = torch.zeros(batch, width, dtype=torch.long, device=device)
-        media_image_index[token_sample, token_position] = torch.repeat_interleave(image_ordinal, image_tokens)
-        return CrossAttentionMedia(media, media_image_index)
+        return media_by_sample(images_per_sample, image_features, tiles_per_image)
 
     def _check_tiles_per_sample(self, input_ids: Tensor, tiles_per_sample: Tensor, per_tile: int) -> None:
         in_text = (input_ids == self.image_token_id).sum(1).cpu()
@@ -238,14 +202,22 @@ class VisionLanguageModel(nn.Module):
         media: CrossAttentionMedia | None,
         images_seen: Tensor | None,
         hidden_states_only: bool = False,
+        document_starts: Tensor | None = None,
         **lm_kwargs,
     ):
-        """Run the LM on merged embeddings; with cross-attention, condition its blocks on ``media``.
+        """Run the LM on merged embeddings; with cross-attention, condition its blocks on ``media``
+        (in packed rows, ``document_starts`` keeps each document's text to its own images).
         ``hidden_states_only`` runs the decoder without the output embedding (``.last_hidden_state``)."""
         context = nullcontext()
         if media is not None:
-            text_index = text_image_index(input_ids == self.image_token_id, images_seen)
-            context = self.cross_attention.condition(media.media, media.media_image_index, text_index)
+            markers = input_ids == self.image_token_id
+            text_index = text_image_index(markers, images_seen)
+            first_image = (
+                None if document_starts is None else first_image_of_document(markers, document_starts)
+            )
+            context = self.cross_attention.condition(
+                media.media, media.media_image_index, text_index, first_image
+            )
         module = self.language_model.base_model if hidden_states_only else self.language_model
         with context:
             return module(inputs_embeds=inputs_embeds, **lm_kwargs)
@@ -299,6 +271,10 @@ class VisionLanguageModel(nn.Module):
         tiles_per_sample: Tensor | None = None,
         tiles_per_image: Tensor | None = None,
         document_ids: Tensor | None = None,
+        cu_seq_lens_q: Tensor | None = None,
+        cu_seq_lens_k: Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
         return_logits: bool = True,
     ) -> VLMOutput:
         """Logits for every position and, given ``labels`` (-100 = ignored), the mean next-token loss.
@@ -312,14 +288,46 @@ class VisionLanguageModel(nn.Module):
         ``image_features`` (from ``encode_images``) may replace ``pixel_values``. With the
         processor's flat layout, ``tiles_per_sample`` checks each row's image tokens and
         ``tiles_per_image`` groups the tiles of each image for cross-attention (default: one
-        tile per image). ``document_ids`` (batch, seq; 0 = padding) marks packed rows
-        (``datamodules.packing``): attention is then causal within each document only and
-        ``attention_mask`` is replaced by that block-diagonal mask (pass per-document ``position_ids``).
+        tile per image).
+
+        Packed rows (several documents per row, ``datamodules.packing``; attention and cross-attention
+        stay within each document), two layouts (``vlm.packed``):
+        - padding-free (transformers' contract): ``position_ids`` restarting at 0 at each document start,
+          ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the rows flattened to one, no
+          ``attention_mask``; ``document_ids``, if given, is not used. With a varlen kernel
+          (``vlm.attention.VARLEN_KERNELS``) the rows are flattened to one and the kernel gets those;
+          sdpa / flex_attention / eager keep the rows and transformers builds each row's document mask
+          (boolean, or a BlockMask) from ``position_ids``. Logits keep the (batch, seq) layout.
+        - dense baseline: ``document_ids`` (batch, seq; 0 = padding) without ``cu_seq_lens``: the model
+          builds a causal block-diagonal (batch, 1, seq, seq) mask in place of ``attention_mask``.
         """
+        varlen = padding_free_kwargs(cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)
+        padding_free = varlen is not None
+        if padding_free and attention_mask is not None:
+            raise ValueError(
+                "A padding-free batch (cu_seq_lens_q/k, max_length_q/k) takes no attention_mask: collate it "
+                "with datamodules.packing.collate_rows."
+            )
+        packed = padding_free or document_ids is not None
+        if packed and position_ids is None:
+            raise ValueError("Packed rows need per-document position_ids (restarting at 0 at each document).")
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, pixel_attention_mask)
+        rows = input_ids.shape
+        if padding_free and self.language_model.config._attn_implementation in VARLEN_KERNELS:
+            if (
+                self.config.fusion == "autoregressive"
+                and tiles_per_sample is not None
+                and image_features is not None
+            ):
+                self._check_tiles_per_sample(input_ids, tiles_per_sample, image_features.shape[1])  # per row
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+            labels = None if labels is None else labels.reshape(1, -1)
+            tiles_per_sample = None
+        else:  # sdpa, flex, eager: transformers builds each row's document mask from its position_ids
+            varlen = None
         inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
-        if document_ids is not None:
+        if document_ids is not None and not padding_free:
             attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
         head = None if return_logits or labels is None else self._plain_output_embedding
         # No KV cache: a full forward (training, scoring) does not reuse it, and activation checkpointing
@@ -330,9 +338,11 @@ class VisionLanguageModel(nn.Module):
             media,
             None,
             hidden_states_only=head is not None,
+            document_starts=position_ids == 0 if packed else None,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **(varlen or {}),
         )
         if head is not None:
             loss = self._labelled_loss(out.last_hidden_state, labels, head)
@@ -342,7 +352,7 @@ class VisionLanguageModel(nn.Module):
             logits = out.logits[:, :-1].flatten(0, 1)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
             loss = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        return VLMOutput(logits=out.logits, loss=loss, image_features=image_features)
+        return VLMOutput(logits=out.logits.reshape(*rows, -1), loss=loss, image_features=image_features)
 
     # --- generation -----------------------------------------------------------------------
 

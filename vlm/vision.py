@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.masking_utils import create_bidirectional_mask
 
+from vlm.attention import resolve_attention
 from vlm.config import VisionConfig
 from vlm.language_model import resolve_path
 
@@ -301,11 +302,11 @@ def siglip_to_timm_state_dict(hf_state_dict: dict[str, Tensor]) -> dict[str, Ten
     return state_dict
 
 
-def _load_siglip(path: str) -> SiglipVisionModel:
+def _load_siglip(path: str, attention: str = "sdpa") -> SiglipVisionModel:
     # A local SigLIP / Idefics vision model saved with save_pretrained (``~`` and ``${VAR}`` expanded, as
     # YAML configs cannot) or a hub name; sizes come from the checkpoint.
     return SiglipVisionModel.from_pretrained(
-        resolve_path(path), attn_implementation="sdpa", vision_use_head=False
+        resolve_path(path), attn_implementation=attention, vision_use_head=False
     )
 
 
@@ -324,10 +325,11 @@ def siglip_config_kwargs(cfg: VisionConfig) -> dict[str, Any]:
 
 
 def _build_siglip(cfg: VisionConfig) -> VisionTower:
+    attention = resolve_attention(cfg.attn_implementation, "vision.attn_implementation")
     if cfg.pretrained:
-        return SiglipVisionTower(_load_siglip(cfg.pretrained), cfg.position_embedding)
+        return SiglipVisionTower(_load_siglip(cfg.pretrained, attention), cfg.position_embedding)
     config = SiglipVisionConfig(
-        **siglip_config_kwargs(cfg), vision_use_head=False, attn_implementation="sdpa"
+        **siglip_config_kwargs(cfg), vision_use_head=False, attn_implementation=attention
     )
     return SiglipVisionTower(SiglipVisionModel(config), cfg.position_embedding)
 
@@ -386,4 +388,9 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """
     if cfg.backend not in _BUILDERS:
         raise ValueError(f"Unknown vision backend {cfg.backend!r}; valid backends: {', '.join(_BUILDERS)}.")
+    if cfg.backend != "siglip" and cfg.attn_implementation not in ("auto", "sdpa"):
+        raise ValueError(
+            f"vision.attn_implementation={cfg.attn_implementation!r}: the {cfg.backend} tower calls torch's "
+            "sdpa itself; set it to sdpa or auto, or use vision.backend: siglip for other implementations."
+        )
     return _BUILDERS[cfg.backend](cfg)

@@ -40,8 +40,8 @@ class RecordRows(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = self.rows.setdefault(trainer.global_step + 1, [])
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-            step.append(ids[mask.bool()].tolist())
+        for ids, documents in zip(batch["input_ids"], batch["document_ids"]):
+            step.append(ids[documents > 0].tolist())
 
     def on_train_end(self, trainer, pl_module):
         (run_dir / f"rows.{trainer.global_rank}.json").write_text(json.dumps(self.rows))
