@@ -361,22 +361,27 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position of every partition (gathered over ranks: the same on each), and what it belongs to."""
-        own = {str(p): self.positions[p].as_dict() for p in self.layout.rank_partitions()}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, own)
-            own = {p: position for rank_positions in gathered for p, position in rank_positions.items()}
         return {
             "version": 2,
             "partitions": self.layout.partitions,
             "global_batch": self.layout.global_batch,
-            "positions": own,
+            "positions": self._gathered(self.positions),
             "micro": self.micro,
             "layout": [self.layout.world_size, self.layout.batch_size, self.layout.accumulation],
             "settings": self._positions_key,
-            "segment_start": {str(p): position.as_dict() for p, position in self.segment_start.items()},
+            "segment_start": self._gathered(self.segment_start),
             "fingerprint": self.dataset.fingerprint(),
         }
+
+    def _gathered(self, positions: dict[int, PartitionPosition]) -> dict[str, Any]:
+        """``positions`` of each rank's own partitions, from every rank (only the rank serving a
+        partition knows where it stands)."""
+        own = {str(p): positions[p].as_dict() for p in self.layout.rank_partitions()}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own)
+            own = {p: position for rank_positions in gathered for p, position in rank_positions.items()}
+        return own
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's position, on this layout (elastic; ``StreamLayout.check``)."""

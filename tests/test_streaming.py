@@ -264,9 +264,12 @@ def global_batches(loaders: list[ResumableLoader], steps: int, consume: bool = T
 def gathered_state(loaders: list[ResumableLoader]) -> dict:
     """The state ``state_dict`` returns under torch.distributed: every rank's partitions (all_gather)."""
     states = [loader.state_dict() for loader in loaders]
-    positions = {p: position for state in states for p, position in state["positions"].items()}
-    assert len(positions) == loaders[0].layout.partitions
-    return {**states[0], "positions": positions}
+    merged = {
+        key: {p: position for state in states for p, position in state[key].items()}
+        for key in ("positions", "segment_start")
+    }
+    assert all(len(positions) == loaders[0].layout.partitions for positions in merged.values())
+    return {**states[0], **merged}
 
 
 def ranks(urls: str, world_size: int, workers: int, batch_size: int, accumulation: int = 1, **kw):
