@@ -73,8 +73,8 @@ class SequentialStream(IterableDataset):
     their ``max_seq_len`` / ``max_image_resolution`` in ``meta``. Ranks and workers read disjoint
     shards (disjoint samples when there are fewer shards than readers)."""
 
-    def __init__(self, sources: Sequence[SourceConfig], io: ShardIO | None = None) -> None:
-        self.sources, self.io = list(sources), io or ShardIO()
+    def __init__(self, sources: Sequence[SourceConfig]) -> None:
+        self.sources = list(sources)
         self.stats = {s.source: RecordStats() for s in self.sources}
 
     def __iter__(self) -> Iterator[Sample]:
@@ -197,7 +197,8 @@ class VLMDataModule(LightningDataModule):
       most one window per partition); ``partitions`` canonical partitions of the sample order (default:
       devices x ``num_workers`` at the first start, then whatever the checkpoint holds; they must
       divide the global batch, a multiple of the device count). ``shard_io``: ``ShardIO`` options for
-      remote shards (retries, backoff, a local shard cache with a size cap).
+      remote training shards (retries, backoff, a local shard cache with a size cap); validation
+      shards are read whole with the default ones.
     - ``val_generate``: validation batches are generation prompts with ``answers`` (``val/acc``,
       exact match) built from the conversations of ``val_sources``, one per question (at most
       ``val_max_questions_per_sample`` per sample), instead of packed rows (``val/loss``).
@@ -366,7 +367,7 @@ class VLMDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        samples = SequentialStream(self.val_sources, self.io)
+        samples = SequentialStream(self.val_sources)
         if self.val_generate:
             return DataLoader(
                 GenerationValDataset(samples, self.val_max_questions_per_sample),
