@@ -68,7 +68,7 @@ class ShardIndex:
 
 def _scan_tar(url: str, io: ShardIO) -> tuple[list[int], bool, str | None]:
     """Record start offsets (+ end of the last complete record), compression, damage of a tar shard."""
-    with io.open(url) as stream:
+    with io.open(url, 0, 6) as stream:  # the magic bytes only (a remote open reads by blocks)
         head = stream.read(6)
     compressed = head.startswith(_COMPRESSED_MAGIC)
     starts: list[int] = []
