@@ -86,8 +86,9 @@ class VisionLanguageModel(nn.Module):
         declares the padding): transformers' Idefics2 processor makes such canvases (e.g. 980x735)
         and its model drops the partial edge patches, which the ``all`` patch rule masks out here,
         with the same result. Without a mask such a size is an error. Where the padding cannot change
-        the visual tokens (bucketed positions + perceiver, the Idefics2 recipe), each image is
-        encoded on its own real extent rather than the canvas (``_encode_cropped``).
+        the visual tokens (the perceiver connector, the Idefics2 recipe), the tower skips it: packed
+        into one sequence when its attention allows (``VisionTower.supports_packing``, NaViT), else
+        each image on its own real extent with bucketed positions (``_encode_cropped``).
         """
         if pixel_values.dim() == 5:
             flat = pixel_values.flatten(0, 1)
@@ -112,10 +113,20 @@ class VisionLanguageModel(nn.Module):
             patch_mask = patch_attention_mask_from_pixels(
                 pixel_attention_mask, patch, self.config.vision.patch_mask_rule
             )
-        if patch_mask is not None and self._padding_can_be_cropped:
+        padded = patch_mask is not None and not bool(patch_mask.all())
+        if padded and self._padding_can_be_skipped and self.vision_tower.supports_packing:
+            features = self.vision_tower(pixel_values, patch_mask, packed=True)
+        elif padded and self._padding_can_be_cropped:
             return self._encode_cropped(pixel_values, patch_mask)
-        features = self.vision_tower(pixel_values, patch_mask)
+        else:
+            features = self.vision_tower(pixel_values, patch_mask)
         return self.connector(features, grid, None if patch_mask is None else patch_mask.flatten(1))
+
+    @property
+    def _padding_can_be_skipped(self) -> bool:
+        """Whether the connector ignores the padded patches' features (the perceiver masks them), so the
+        tower may leave them out: packed (every image in one sequence, no canvas) or cropped."""
+        return isinstance(self.connector, PerceiverConnector)
 
     @property
     def _padding_can_be_cropped(self) -> bool:
@@ -125,7 +136,7 @@ class VisionLanguageModel(nn.Module):
         return (
             self.config.vision.max_size_groups > 1
             and self.config.vision.position_embedding == "bucketed"
-            and isinstance(self.connector, PerceiverConnector)
+            and self._padding_can_be_skipped
         )
 
     def _encode_cropped(self, pixel_values: Tensor, patch_mask: Tensor) -> Tensor:

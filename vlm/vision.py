@@ -12,6 +12,9 @@ embedding scheme (``bucketed``: NaViT / Idefics2; ``interpolated``: timm's bicub
 The wrapped model is always at ``tower.vit``, so parameter names (and LoRA target regexes) read
 ``vit.encoder.layers.N...`` (siglip), ``vit.blocks.N...`` (timm) or ``vit.transformer.resblocks.N...``
 (open_clip).
+
+The ``siglip`` tower can also pack (NaViT): under flex attention or a varlen kernel, the real patches of
+all images run as one sequence, each image attending only to itself, with no padded canvas.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from vlm.attention import resolve_attention
+from vlm.attention import (
+    VARLEN_KERNELS,
+    packed_implementation,
+    packed_sequences_mask,
+    resolve_attention,
+    runs_packed_sequences,
+)
 from vlm.config import VisionConfig
 from vlm.language_model import resolve_path
 
@@ -153,8 +162,20 @@ class VisionTower(nn.Module):
         self.patch_size = patch_size
         self.position_embedding = position_embedding
 
-    def forward(self, pixel_values: Tensor, patch_attention_mask: Tensor | None = None) -> Tensor:
-        """Patch tokens (N, H/p * W/p, hidden_size) of a padded batch; see the class docstring."""
+    @property
+    def supports_packing(self) -> bool:
+        """Whether ``forward(..., packed=True)`` can run: the tower's attention keeps packed images apart."""
+        return False
+
+    def forward(
+        self, pixel_values: Tensor, patch_attention_mask: Tensor | None = None, packed: bool = False
+    ) -> Tensor:
+        """Patch tokens (N, H/p * W/p, hidden_size) of a padded batch; see the class docstring.
+
+        ``packed``: the real patches of all images go through the transformer as one sequence, each image
+        attending only to itself (NaViT), with no padded canvas; the same real-patch tokens, and zeros at
+        the padded patches. Needs ``supports_packing``.
+        """
         batch_size, _, height, width = pixel_values.shape
         expected = (batch_size, *_patch_grid(height, width, self.patch_size))
         if patch_attention_mask is None:
@@ -164,9 +185,14 @@ class VisionTower(nn.Module):
                 f"patch_attention_mask has shape {tuple(patch_attention_mask.shape)}, expected {expected} "
                 f"(batch, H / patch_size, W / patch_size) for pixel_values {tuple(pixel_values.shape)}."
             )
-        return self._encode(pixel_values, patch_attention_mask.bool())
+        if packed and not self.supports_packing:
+            raise ValueError(
+                f"The {type(self).__name__} cannot pack images: it needs vision.backend: siglip with "
+                "vision.attn_implementation flex_attention or a varlen kernel (flash_attention_2/3, varlen)."
+            )
+        return self._encode(pixel_values, patch_attention_mask.bool(), packed)
 
-    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor) -> Tensor:
+    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         raise NotImplementedError
 
 
@@ -181,14 +207,26 @@ class SiglipVisionTower(VisionTower):
         super().__init__(vit.config.hidden_size, vit.config.patch_size, position_embedding)
         self.vit = vit
 
-    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor) -> Tensor:
+    @property
+    def supports_packing(self) -> bool:
+        return runs_packed_sequences(self.vit.config._attn_implementation)
+
+    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         embeddings = self.vit.embeddings
         x = _patchify(embeddings.patch_embedding, pixel_values)
         x = x + _grid_position_embeddings(
             embeddings.position_embedding.weight, patch_attention_mask, self.position_embedding
         )
+        real = patch_attention_mask.flatten(1)
+        if packed:
+            # Positions were added on the canvas, so each real patch keeps the embedding it has there.
+            attention_mask = packed_sequences_mask(self.vit.config._attn_implementation, real.sum(1))
+            tokens = self.vit.encoder(inputs_embeds=x[real][None], attention_mask=attention_mask)
+            out = x.new_zeros(x.shape)
+            out[real] = self.vit.post_layernorm(tokens.last_hidden_state[0])
+            return out
         attention_mask = create_bidirectional_mask(
-            config=self.vit.config, inputs_embeds=x, attention_mask=patch_attention_mask.flatten(1)
+            config=self.vit.config, inputs_embeds=x, attention_mask=real
         )
         x = self.vit.encoder(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
         return self.vit.post_layernorm(x)
@@ -212,7 +250,7 @@ class TimmVisionTower(VisionTower):
         super().__init__(vit.embed_dim, vit.patch_embed.patch_size[0], position_embedding)
         self.vit = vit
 
-    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor) -> Tensor:
+    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         vit = self.vit
         x = vit.patch_embed.norm(_patchify(vit.patch_embed.proj, pixel_values))
         num_prefix_positions = 0 if vit.no_embed_class else vit.num_prefix_tokens
@@ -248,7 +286,7 @@ class OpenClipVisionTower(VisionTower):
         visual.proj = None  # projection into the contrastive space: not part of the patch features
         self.vit = visual
 
-    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor) -> Tensor:
+    def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         vit = self.vit
         x = _patchify(vit.conv1, pixel_values)
         positions = vit.positional_embedding.to(x.dtype)
@@ -326,6 +364,8 @@ def siglip_config_kwargs(cfg: VisionConfig) -> dict[str, Any]:
 
 def _build_siglip(cfg: VisionConfig) -> VisionTower:
     attention = resolve_attention(cfg.attn_implementation, "vision.attn_implementation")
+    if attention in VARLEN_KERNELS:  # so that packed images reach the kernel as sequences
+        attention = packed_implementation(attention)
     if cfg.pretrained:
         return SiglipVisionTower(_load_siglip(cfg.pretrained, attention), cfg.position_embedding)
     config = SiglipVisionConfig(
