@@ -37,6 +37,7 @@ from vlm.config import (
     VLMConfig,
     get_preset,
 )
+from vlm.generation import generate
 from vlm.hf import from_transformers as convert_from_transformers
 from vlm.language_model import load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
@@ -44,7 +45,7 @@ from vlm.processing import load_tiny_tokenizer
 
 Fusion = Literal["autoregressive", "cross_attention"]
 FORWARD_KEYS = frozenset(inspect.signature(VisionLanguageModel.forward).parameters) - {"self"}
-GENERATE_KEYS = frozenset(inspect.signature(VisionLanguageModel.generate).parameters) - {"self"}
+GENERATE_KEYS = frozenset(inspect.signature(generate).parameters) - {"model"}
 PROMPT_PREFIX = "prompt_"
 
 # The hyper-parameters saved in checkpoints hold these dataclasses: let Lightning's weights-only

@@ -4,14 +4,14 @@
 (``input_ids`` with expanded ``<image>`` tokens, ``attention_mask``, ``pixel_values`` of shape
 (batch, images, 3, H, W) zero-padded, ``pixel_attention_mask``, ``labels``) and gives the same
 logits for the same weights (see ``vlm.hf``). ``generate`` runs greedy or sampled decoding with a
-KV cache, encoding the images once.
+KV cache, encoding the images once (the loop and its back-ends are in ``vlm.generation``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,11 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from vlm import generation
 from vlm.attention import VARLEN_KERNELS
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
 from vlm.connectors import PerceiverConnector, build_connector
 from vlm.cross_attention import CrossAttentionFusion, CrossAttentionMedia, media_by_sample, text_image_index
-from vlm.decoder import CachedDecoder, unsupported_reason
-from vlm.generation import StopStrings, select_next_token
 from vlm.language_model import build_language_model, text_dims
 from vlm.loss import linear_cross_entropy
 from vlm.packed import document_attention_mask, first_image_of_document, padding_free_kwargs
@@ -206,7 +205,7 @@ class VisionLanguageModel(nn.Module):
 
     # --- language model -------------------------------------------------------------------
 
-    def _language_forward(
+    def language_forward(
         self,
         inputs_embeds: Tensor,
         input_ids: Tensor,
@@ -234,7 +233,7 @@ class VisionLanguageModel(nn.Module):
             return module(inputs_embeds=inputs_embeds, **lm_kwargs)
 
     @property
-    def _plain_output_embedding(self) -> nn.Linear | None:
+    def plain_output_embedding(self) -> nn.Linear | None:
         """The LM's output embedding when its logits are exactly ``lm_head(hidden)`` (no soft-capping or
         scaling, no adapter on it), so the loss can be computed from hidden states (``vlm.loss``)."""
         head = self.language_model.get_output_embeddings()
@@ -248,13 +247,15 @@ class VisionLanguageModel(nn.Module):
         keep = targets != IGNORE_INDEX
         return linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias)
 
-    def _embed(
+    def embed_inputs(
         self,
         input_ids: Tensor,
         image_features: Tensor | None,
         tiles_per_sample: Tensor | None = None,
         tiles_per_image: Tensor | None = None,
     ) -> tuple[Tensor, CrossAttentionMedia | None]:
+        """The LM input embeddings of ``input_ids``: with autoregressive fusion the visual tokens
+        replace the ``<image>`` tokens; with cross-attention they come back grouped by sample as media."""
         inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
         if image_features is None:
             if self.config.fusion == "autoregressive" and bool((input_ids == self.image_token_id).any()):
@@ -337,13 +338,13 @@ class VisionLanguageModel(nn.Module):
             tiles_per_sample = None
         else:  # sdpa, flex, eager: transformers builds each row's document mask from its position_ids
             varlen = None
-        inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
+        inputs_embeds, media = self.embed_inputs(input_ids, image_features, tiles_per_sample, tiles_per_image)
         if document_ids is not None and not padding_free:
             attention_mask = document_attention_mask(document_ids, inputs_embeds.dtype)
-        head = None if return_logits or labels is None else self._plain_output_embedding
+        head = None if return_logits or labels is None else self.plain_output_embedding
         # No KV cache: a full forward (training, scoring) does not reuse it, and activation checkpointing
         # would append the recomputed keys to it a second time.
-        out = self._language_forward(
+        out = self.language_forward(
             inputs_embeds,
             input_ids,
             media,
@@ -368,139 +369,7 @@ class VisionLanguageModel(nn.Module):
     # --- generation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        pixel_attention_mask: Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int = 0,
-        stop_strings: Sequence[str] = (),
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        generator: torch.Generator | None = None,
-        tiles_per_sample: Tensor | None = None,
-        tiles_per_image: Tensor | None = None,
-    ) -> Tensor:
-        """Decode up to ``max_new_tokens`` after left-padded prompts; returns prompts + new tokens.
-
-        Greedy by default, sampling with ``do_sample`` (temperature, top-k, top-p). A row stops at
-        any of ``eos_token_id`` or once its text contains one of ``stop_strings`` (needs
-        ``tokenizer``); finished rows are filled with ``pad_token_id``. ``tiles_per_sample`` /
-        ``tiles_per_image`` as in ``forward``.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask[:, -1].eq(0).any():
-            raise ValueError(
-                "generate needs left-padded prompts (attention_mask[:, -1] must be 1 for every row)."
-            )
-        eos_ids = torch.tensor(
-            []
-            if eos_token_id is None
-            else [eos_token_id]
-            if isinstance(eos_token_id, int)
-            else list(eos_token_id),
-            device=input_ids.device,
-        )
-        stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
-        image_features = (
-            None if pixel_values is None else self.encode_images(pixel_values, pixel_attention_mask)
-        )
-        inputs_embeds, media = self._embed(input_ids, image_features, tiles_per_sample, tiles_per_image)
-        if unsupported_reason(self.language_model) is None:
-            logits, advance = self._cached_decoding(
-                input_ids, attention_mask, inputs_embeds, media, max_new_tokens
-            )
-        else:
-            logits, advance = self._transformers_decoding(input_ids, attention_mask, inputs_embeds, media)
-        sequences = input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            next_tokens = select_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            next_tokens = torch.where(finished, pad_token_id, next_tokens)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            finished |= torch.isin(next_tokens, eos_ids)
-            if stops is not None:
-                finished |= stops(sequences[:, input_ids.shape[1] :])
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            logits = advance(next_tokens[:, None])
-        return sequences
-
-    def _cached_decoding(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        inputs_embeds: Tensor,
-        media: CrossAttentionMedia | None,
-        max_new_tokens: int,
-    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """Prefill through ``vlm.decoder.CachedDecoder``: the prompt's last logits, and a function from
-        each step's new tokens (rows, 1) to their logits."""
-        fusion = None if media is None else self.cross_attention
-        decoder = CachedDecoder(self.language_model, *input_ids.shape, max_new_tokens, fusion)
-        embed_tokens = self.language_model.get_input_embeddings()
-        if media is None:
-            logits = decoder.prefill(inputs_embeds, attention_mask)
-            return logits, lambda step_ids: decoder.step(embed_tokens(step_ids))
-        image_markers = input_ids == self.image_token_id
-        images_seen = image_markers.sum(1)
-        conditioning = (media.media, media.media_image_index)
-        logits = decoder.prefill(inputs_embeds, attention_mask, conditioning, text_image_index(image_markers))
-
-        def advance(step_ids: Tensor) -> Tensor:
-            nonlocal images_seen
-            step_markers = step_ids == self.image_token_id
-            step_index = text_image_index(step_markers, images_seen)
-            images_seen = images_seen + step_markers.sum(1)
-            return decoder.step(embed_tokens(step_ids), step_index)
-
-        return logits, advance
-
-    def _transformers_decoding(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        inputs_embeds: Tensor,
-        media: CrossAttentionMedia | None,
-    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """Prefill through transformers' own modules and a ``DynamicCache`` (for the language models
-        ``CachedDecoder`` does not run): the prompt's last logits, and a function from each step's new
-        tokens (rows, 1) to their logits."""
-        cache = DynamicCache(config=self.language_model.config)
-        head = self._plain_output_embedding  # then only the last position's logits are computed
-        images_seen = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-        def run(step_ids: Tensor, step_embeds: Tensor) -> Tensor:
-            nonlocal images_seen
-            out = self._language_forward(
-                step_embeds,
-                step_ids,
-                media,
-                images_seen,
-                hidden_states_only=head is not None,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            if media is not None:
-                images_seen = images_seen + (step_ids == self.image_token_id).sum(1)
-            return out.logits[:, -1] if head is None else head(out.last_hidden_state[:, -1])
-
-        def advance(step_ids: Tensor) -> Tensor:
-            nonlocal attention_mask, position_ids
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1
-            )
-            position_ids = position_ids[:, -1:] + 1
-            return run(step_ids, self.language_model.get_input_embeddings()(step_ids))
-
-        return run(input_ids, inputs_embeds), advance
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """Decode after left-padded prompts; returns prompts + new tokens (``vlm.generation.generate``:
+        greedy or sampled, eos and stop strings, images encoded once, KV cache)."""
+        return generation.generate(self, input_ids, **kwargs)
