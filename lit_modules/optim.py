@@ -10,25 +10,22 @@ from typing import Literal
 from torch import nn
 
 from lit_modules.policy import COMPONENTS
+from vlm.model import VisionLanguageModel
 
 Schedule = Literal["cosine", "linear", "constant"]
 
-# Parameters that take no weight decay besides the 1-D ones (norms, biases, gates, DoRA
-# magnitudes): learned queries and embedding tables (decaying them shrinks rarely-seen rows).
-_NO_DECAY_NAMES = ("latents", "queries")
 
-
-def no_weight_decay(model: nn.Module) -> set[str]:
+def no_weight_decay(model: VisionLanguageModel) -> set[str]:
     """Names of the parameters that take no weight decay: 1-D parameters (norm weights, biases,
     tanh gates, DoRA magnitudes), embedding tables (the language model's output projection
     included: with ``train_new_token_embeddings`` only a few rows train, and decay would shrink all
-    of them) and perceiver latents / mapping-network queries."""
+    of them) and what the components declare (``VisionLanguageModel.no_weight_decay``: perceiver
+    latents, mapping-network queries)."""
     names = {name for name, param in model.named_parameters() if param.dim() < 2}
-    names |= {name for name in dict(model.named_parameters()) if name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}
-    language_model = getattr(model, "language_model", None)
-    output_embeddings = None if language_model is None else language_model.get_output_embeddings()
+    names |= model.no_weight_decay()
+    output_embeddings = model.language_model.get_output_embeddings()
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) or (module is output_embeddings and module is not None):
+        if isinstance(module, nn.Embedding) or module is output_embeddings:
             names |= {
                 f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters()
             }
@@ -36,7 +33,7 @@ def no_weight_decay(model: nn.Module) -> set[str]:
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, lr_multipliers: dict[str, float] | None = None
+    model: VisionLanguageModel, lr: float, weight_decay: float, lr_multipliers: dict[str, float] | None = None
 ) -> list[dict]:
     """AdamW groups of the trainable parameters, one per (top-level component, decay or not).
 

@@ -27,10 +27,6 @@ Mode = Literal["frozen", "full", "lora", "dora"]
 COMPONENTS = ("vision_tower", "connector", "language_model", "cross_attention")
 BACKBONES = ("vision_tower", "language_model")
 
-# A module inside a repeated block (SigLIP/Llama `layers.3.`, timm `blocks.3.`, open_clip
-# `resblocks.3.`, GPT-2 `h.3.`): the attention / MLP linear layers of a backbone. It excludes patch
-# embeddings (a Conv2d named `proj` in timm), position embeddings, heads and `lm_head`.
-_IN_BLOCK = re.compile(r"(^|\.)(layers|blocks|resblocks|h)\.\d+\.")
 ADAPTER_NAME = "default"
 
 
@@ -58,36 +54,43 @@ class TrainingPolicy:
         return getattr(self, component)
 
 
-def lora_targets(component: nn.Module, backbone: bool) -> list[str]:
+def lora_targets(component: nn.Module, blocks: list[nn.Module] | None = None) -> list[str]:
     """Names (relative to ``component``) of the linear layers LoRA adapts.
 
-    In a backbone, the linear layers of its repeated blocks (attention and MLP projections); in a
-    new component (connector, cross-attention), every linear layer.
+    In a backbone, the linear layers inside the ``blocks`` it declares (attention and MLP projections;
+    not the patch embedding, heads or ``lm_head``); in a new component (``blocks=None``: connector,
+    cross-attention), every linear layer.
     """
+    inside = None if blocks is None else {id(module) for block in blocks for module in block.modules()}
     return [
         name
         for name, module in component.named_modules()
-        if isinstance(module, nn.Linear | Conv1D) and (not backbone or _IN_BLOCK.search(name))
+        if isinstance(module, nn.Linear | Conv1D) and (inside is None or id(module) in inside)
     ]
 
 
-def target_regex(names: list[str]) -> str:
-    """A peft ``target_modules`` regex for ``names`` with their block indices generalised
-    (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``): one pattern per layer kind, short at full scale."""
+def target_regex(names: list[str], module_names: list[str]) -> str:
+    """A peft ``target_modules`` regex matching exactly ``names`` among ``module_names``: block indices
+    generalised (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``, one pattern per layer kind, short at full
+    scale) unless that would also match a module that is not a target, then the names themselves."""
     patterns = {re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(name)) for name in names}
-    return "|".join(sorted(patterns))
+    regex = "|".join(sorted(patterns))
+    if {name for name in module_names if re.fullmatch(regex, name)} == set(names):
+        return regex
+    return "|".join(re.escape(name) for name in sorted(names))
 
 
-def _inject(component: nn.Module, mode: Mode, policy: TrainingPolicy, backbone: bool) -> None:
-    targets = lora_targets(component, backbone)
+def _inject(component: nn.Module, mode: Mode, policy: TrainingPolicy, blocks: list[nn.Module] | None) -> None:
+    targets = lora_targets(component, blocks)
     if not targets:
-        raise ValueError(f"{type(component).__name__} has no linear layer for {mode}.")
+        where = " in the repeated_blocks() it declares" if blocks is not None else ""
+        raise ValueError(f"{type(component).__name__} has no linear layer{where} for {mode}.")
     config = LoraConfig(
         r=policy.lora_r,
         lora_alpha=policy.lora_alpha,
         lora_dropout=policy.lora_dropout,
         use_dora=mode == "dora",
-        target_modules=target_regex(targets),
+        target_modules=target_regex(targets, [name for name, _ in component.named_modules()]),
     )
     inject_adapter_in_model(config, component, adapter_name=ADAPTER_NAME)
 
@@ -107,13 +110,14 @@ def apply_policy(model: VisionLanguageModel, policy: TrainingPolicy) -> list[Rem
     Components the model lacks (``cross_attention`` with autoregressive fusion) are skipped.
     Returns the gradient hooks of ``train_new_token_embeddings`` (remove them before the next policy).
     """
+    blocks = model.repeated_blocks()
     for name in COMPONENTS:
         component = getattr(model, name, None)
         if component is None:
             continue
         mode = policy.mode(name)
         if mode in ("lora", "dora"):
-            _inject(component, mode, policy, name in BACKBONES)
+            _inject(component, mode, policy, blocks[name] if name in BACKBONES else None)
         for param_name, param in component.named_parameters():
             adapter = "lora_" in param_name
             param.requires_grad_(mode == "full" or (mode in ("lora", "dora") and adapter))

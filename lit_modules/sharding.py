@@ -1,8 +1,8 @@
 """FSDP2 sharding and activation checkpointing of a VisionLanguageModel, one repeated block at a time.
 
-A *block* is one layer of a repeated stack: a vision encoder block (SigLIP ``encoder.layers.N``, timm
-``blocks.N``, open_clip ``resblocks.N``), a connector layer (perceiver / mapping network), a decoder
-layer of the language model, a gated cross-attention block. ``VLMModule.configure_model`` applies
+A *block* is one layer of a repeated stack, as each component declares them (``repeated_blocks``): a
+vision encoder block, a connector layer (perceiver / mapping network), a decoder layer of the language
+model, a gated cross-attention block. ``VLMModule.configure_model`` applies
 the training policy first (so LoRA/DoRA adapters are part of the blocks), then
 ``checkpoint_blocks`` (any strategy) and, under Lightning's ``ModelParallelStrategy``, ``shard`` and
 ``train_rows_sharded`` (the policy's ``train_new_token_embeddings`` on the sharded weights).
@@ -14,7 +14,6 @@ parameters for DTensor shards in place.
 
 from __future__ import annotations
 
-import re
 from functools import partial
 
 import torch
@@ -28,35 +27,11 @@ from torch.utils.hooks import RemovableHandle
 from vlm.cross_attention import find_decoder_layers
 from vlm.model import VisionLanguageModel
 
-# A stack of repeated blocks, as in policy.py's ``_IN_BLOCK``: SigLIP/Llama/perceiver ``layers``,
-# timm ``blocks``, open_clip ``resblocks``, GPT-2 ``h``.
-_BLOCK_STACK = re.compile(r"(^|\.)(layers|blocks|resblocks|h)$")
-_STACK_TYPES = (nn.ModuleList, nn.Sequential)
-
-
-def _stacks(component: nn.Module) -> list[nn.Module]:
-    """The outermost block stacks of ``component`` (a stack inside a block is part of that block)."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in component.named_modules():
-        if any(name.startswith(f"{outer}.") for outer, _ in found):
-            continue
-        if isinstance(module, _STACK_TYPES) and _BLOCK_STACK.search(name):
-            found.append((name, module))
-    return [module for _, module in found]
-
 
 def repeated_blocks(model: VisionLanguageModel) -> list[nn.Module]:
-    """Every repeated block of the model: vision tower, connector, decoder layers, cross-attention.
-
-    The language model's decoder layers are found as the cross-attention fusion finds them
-    (``find_decoder_layers``, which raises if it cannot), the other stacks by name.
-    """
-    blocks: list[nn.Module] = []
-    for name in ("vision_tower", "connector", "cross_attention"):
-        component = getattr(model, name, None)
-        if component is not None:
-            blocks += [block for stack in _stacks(component) for block in stack]
-    return blocks + list(find_decoder_layers(model.language_model))
+    """Every repeated block of the model, as its components declare them
+    (``VisionLanguageModel.repeated_blocks``): vision tower, connector, cross-attention, decoder layers."""
+    return [block for blocks in model.repeated_blocks().values() for block in blocks]
 
 
 def checkpoint_blocks(model: VisionLanguageModel) -> None:

@@ -31,13 +31,15 @@ class VisionConfig:
     """Vision tower: which ViT implementation, its sizes, and how positions and padding are handled.
 
     ``backend``: ``siglip`` (transformers' SigLIP vision transformer, the Idefics tower),
-    ``timm`` or ``open_clip`` (``model_name`` names the architecture). ``image_size`` is the side
+    ``timm`` or ``open_clip`` (``model_name`` names the architecture), or a name registered with
+    ``vlm.vision.register_vision_backend``. ``image_size`` is the side
     of the square the position-embedding grid was trained on; inputs of any size that is a
     multiple of ``patch_size`` are accepted. ``position_embedding``: ``bucketed`` maps each patch's
     fractional coordinates to the nearest grid cell (NaViT / Idefics2); ``interpolated`` resizes
     the grid bicubically (timm). ``patch_mask_rule``: a patch of a padded image is attended to if
     ``all`` its pixels are real (Idefics2) or ``any`` is (Idefics3). ``max_size_groups``: where
-    padding cannot change the visual tokens (``bucketed`` positions with the perceiver connector),
+    padding cannot change the visual tokens (``bucketed`` positions with a connector that ignores
+    padding, such as the perceiver) and the tower's attention cannot pack the images,
     padded images are encoded on their own patch extent in at most this many tower calls per batch
     (images of different extents merge, padded to the larger, beyond it; each call re-gathers the
     tower's weights under FSDP); 1 encodes the whole padded canvas in one call.
@@ -45,7 +47,7 @@ class VisionConfig:
     available on a GPU, sdpa on CPU); timm and open_clip towers run sdpa only.
     """
 
-    backend: Literal["siglip", "timm", "open_clip"] = "siglip"
+    backend: str = "siglip"
     model_name: str | None = None
     image_size: int = 980
     patch_size: int = 14
@@ -82,10 +84,11 @@ class ConnectorConfig:
         ``depth`` layers and ``num_latents`` latents (Idefics2: MLP then 3 x 64).
       - ``pixel_shuffle``: space-to-depth by ``scale_factor`` then a linear projection
         (Idefics3: scale 2, 169 tokens per 364x364 tile).
+      - a name registered with ``vlm.connectors.register_connector``.
     ``mlp_intermediate_size`` defaults to the language model's intermediate size (as Idefics2).
     """
 
-    type: Literal["linear", "mlp", "mapping_network", "perceiver", "pixel_shuffle"] = "perceiver"
+    type: str = "perceiver"
     mlp_before: bool = True
     mlp_intermediate_size: int | None = None
     mlp_act: str = "silu"

@@ -8,6 +8,8 @@ and an optional ``patch_mask`` (n_images, n_patches; False for padding) and retu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,10 +58,26 @@ class LinearProjection(nn.Module):
 
 
 class Connector(nn.Module):
-    """Base class: ``forward(features, grid, patch_mask) -> visual tokens``."""
+    """Base class: ``forward(features, grid, patch_mask) -> visual tokens``.
+
+    A connector declares what the training code needs to know about it: its repeated blocks (FSDP2 and
+    activation-checkpointing units), its parameters that take no weight decay, and whether its output
+    ignores padded patches (``ignores_padding``: then the tower may leave them out, packed or cropped).
+    """
+
+    ignores_padding: bool = False
 
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The connector's repeated layers, in order (none for a per-patch projection)."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its repeated_blocks().")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to the connector) of parameters that take no weight decay, besides the 1-D
+        ones, which never do: learned queries / latents."""
+        return set()
 
 
 class ProjectionConnector(Connector):
@@ -71,6 +89,9 @@ class ProjectionConnector(Connector):
 
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         return self.modality_projection(features)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return []
 
 
 class PerceiverAttention(nn.Module):
@@ -147,8 +168,16 @@ class PerceiverConnector(Connector):
             self.modality_projection = LinearProjection(vision_dim, text_dim)
         self.perceiver_resampler = PerceiverResampler(text_dim, cfg)
 
+    ignores_padding = True
+
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         return self.perceiver_resampler(self.modality_projection(features), patch_mask)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.perceiver_resampler.layers)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"perceiver_resampler.latents"}
 
 
 def pixel_shuffle(features: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
@@ -175,6 +204,9 @@ class PixelShuffleConnector(Connector):
 
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         return self.modality_projection(pixel_shuffle(features, grid, self.scale_factor))
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return []
 
 
 class MappingNetworkConnector(Connector):
@@ -203,6 +235,14 @@ class MappingNetworkConnector(Connector):
         self.norm = nn.LayerNorm(width)
         self.output_proj = nn.Linear(width, text_dim)
 
+    ignores_padding = True
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.transformer.layers)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"queries"}
+
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         n = features.shape[0]
         queries = self.queries.unsqueeze(0).expand(n, -1, -1)
@@ -216,22 +256,48 @@ class MappingNetworkConnector(Connector):
         return self.output_proj(self.norm(x[:, -queries.shape[1] :]))
 
 
-CONNECTOR_TYPES = ("linear", "mlp", "mapping_network", "perceiver", "pixel_shuffle")
+ConnectorBuilder = Callable[[ConnectorConfig, int, int, int], Connector]
+
+
+def _projection(cfg: ConnectorConfig, vision_dim: int, text_dim: int, text_intermediate: int) -> Connector:
+    if cfg.type == "linear":
+        return ProjectionConnector(LinearProjection(vision_dim, text_dim))
+    hidden = cfg.mlp_intermediate_size or text_intermediate
+    return ProjectionConnector(GatedMLP(vision_dim, hidden, text_dim, cfg.mlp_act))
+
+
+#: ``connector.type`` name -> ``builder(cfg, vision_dim, text_dim, text_intermediate)``;
+#: ``register_connector`` adds one.
+CONNECTORS: dict[str, ConnectorBuilder] = {
+    "linear": _projection,
+    "mlp": _projection,
+    "perceiver": lambda cfg, vision_dim, text_dim, text_intermediate: PerceiverConnector(
+        vision_dim, text_dim, cfg.mlp_intermediate_size or text_intermediate, cfg
+    ),
+    "pixel_shuffle": lambda cfg, vision_dim, text_dim, _: PixelShuffleConnector(
+        vision_dim, text_dim, cfg.scale_factor
+    ),
+    "mapping_network": lambda cfg, vision_dim, text_dim, _: MappingNetworkConnector(
+        vision_dim, text_dim, cfg
+    ),
+}
+
+
+def register_connector(name: str, builder: ConnectorBuilder) -> None:
+    """Make ``connector.type: <name>`` build ``builder(cfg, vision_dim, text_dim, text_intermediate)``, a
+    ``Connector`` subclass that declares its blocks and no-decay parameters, without editing this file."""
+    if name in CONNECTORS:
+        raise ValueError(f"connector type {name!r} is already registered.")
+    CONNECTORS[name] = builder
 
 
 def build_connector(
     cfg: ConnectorConfig, vision_dim: int, text_dim: int, text_intermediate: int
 ) -> Connector:
     """Build the connector named by ``cfg.type`` for the given vision and text widths."""
-    mlp_hidden = cfg.mlp_intermediate_size or text_intermediate
-    if cfg.type == "linear":
-        return ProjectionConnector(LinearProjection(vision_dim, text_dim))
-    if cfg.type == "mlp":
-        return ProjectionConnector(GatedMLP(vision_dim, mlp_hidden, text_dim, cfg.mlp_act))
-    if cfg.type == "perceiver":
-        return PerceiverConnector(vision_dim, text_dim, mlp_hidden, cfg)
-    if cfg.type == "pixel_shuffle":
-        return PixelShuffleConnector(vision_dim, text_dim, cfg.scale_factor)
-    if cfg.type == "mapping_network":
-        return MappingNetworkConnector(vision_dim, text_dim, cfg)
-    raise ValueError(f"Unknown connector.type {cfg.type!r}; choose one of {', '.join(CONNECTOR_TYPES)}.")
+    if cfg.type not in CONNECTORS:
+        raise ValueError(
+            f"Unknown connector.type {cfg.type!r}; registered types: {', '.join(CONNECTORS)} "
+            "(vlm.connectors.register_connector adds one)."
+        )
+    return CONNECTORS[cfg.type](cfg, vision_dim, text_dim, text_intermediate)

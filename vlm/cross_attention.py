@@ -259,6 +259,10 @@ class CrossAttentionFusion(nn.Module):
         finally:
             self._conditioning = previous
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The gated cross-attention blocks, in order (FSDP2 and activation-checkpointing units)."""
+        return list(self.blocks)
+
     def remove(self) -> None:
         """Unregister the hooks from the language model, which then runs as if the fusion never existed."""
         for handle in self._hook_handles:

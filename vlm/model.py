@@ -22,8 +22,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from vlm import generation
 from vlm.attention import VARLEN_KERNELS
 from vlm.config import IGNORE_INDEX, IMAGE_TOKEN, VLMConfig
-from vlm.connectors import PerceiverConnector, build_connector
-from vlm.cross_attention import CrossAttentionFusion, CrossAttentionMedia, media_by_sample, text_image_index
+from vlm.connectors import build_connector
+from vlm.cross_attention import (
+    CrossAttentionFusion,
+    CrossAttentionMedia,
+    find_decoder_layers,
+    media_by_sample,
+    text_image_index,
+)
 from vlm.language_model import build_language_model, text_dims
 from vlm.loss import linear_cross_entropy
 from vlm.packed import document_attention_mask, first_image_of_document, padding_free_kwargs
@@ -85,7 +91,8 @@ class VisionLanguageModel(nn.Module):
         declares the padding): transformers' Idefics2 processor makes such canvases (e.g. 980x735)
         and its model drops the partial edge patches, which the ``all`` patch rule masks out here,
         with the same result. Without a mask such a size is an error. Where the padding cannot change
-        the visual tokens (the perceiver connector, the Idefics2 recipe), the tower skips it: packed
+        the visual tokens (a connector that ignores padding: the perceiver of the Idefics2 recipe), the
+        tower skips it: packed
         into one sequence when its attention allows (``VisionTower.supports_packing``, NaViT), else
         each image on its own real extent with bucketed positions (``_encode_cropped``).
         """
@@ -113,7 +120,7 @@ class VisionLanguageModel(nn.Module):
                 pixel_attention_mask, patch, self.config.vision.patch_mask_rule
             )
         padded = patch_mask is not None and not bool(patch_mask.all())
-        if padded and self._padding_can_be_skipped and self.vision_tower.supports_packing:
+        if padded and self.connector.ignores_padding and self.vision_tower.supports_packing:
             features = self.vision_tower(pixel_values, patch_mask, packed=True)
         elif padded and self._padding_can_be_cropped:
             return self._encode_cropped(pixel_values, patch_mask)
@@ -122,20 +129,14 @@ class VisionLanguageModel(nn.Module):
         return self.connector(features, grid, None if patch_mask is None else patch_mask.flatten(1))
 
     @property
-    def _padding_can_be_skipped(self) -> bool:
-        """Whether the connector ignores the padded patches' features (the perceiver masks them), so the
-        tower may leave them out: packed (every image in one sequence, no canvas) or cropped."""
-        return isinstance(self.connector, PerceiverConnector)
-
-    @property
     def _padding_can_be_cropped(self) -> bool:
         """Whether the padded patches of a canvas can be cut off before the tower without changing any
-        visual token: positions from each image's own real patches (``bucketed``) and a connector
-        whose output does not depend on the patch grid (the perceiver's fixed latents)."""
+        visual token: positions from each image's own real patches (``bucketed``) and a connector that
+        ignores padding (so its output does not depend on the patch grid either)."""
         return (
             self.config.vision.max_size_groups > 1
             and self.config.vision.position_embedding == "bucketed"
-            and self._padding_can_be_skipped
+            and self.connector.ignores_padding
         )
 
     def _encode_cropped(self, pixel_values: Tensor, patch_mask: Tensor) -> Tensor:
@@ -161,6 +162,30 @@ class VisionLanguageModel(nn.Module):
                 tokens = group_tokens.new_empty(len(extents), *group_tokens.shape[1:])
             tokens[index] = group_tokens
         return tokens
+
+    # --- what the training code needs to know -------------------------------------------
+
+    def repeated_blocks(self) -> dict[str, list[nn.Module]]:
+        """Each component's repeated blocks, as the component declares them (the language model's decoder
+        layers): the linear layers LoRA adapts in a backbone, and the units of FSDP2 and activation
+        checkpointing. Components in build order; ``cross_attention`` only with that fusion."""
+        blocks = {
+            "vision_tower": self.vision_tower.repeated_blocks(),
+            "connector": self.connector.repeated_blocks(),
+        }
+        if self.config.fusion == "cross_attention":
+            blocks["cross_attention"] = self.cross_attention.repeated_blocks()
+        blocks["language_model"] = list(find_decoder_layers(self.language_model))
+        return blocks
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters the components declare as taking no weight decay (learned queries,
+        latents), besides the 1-D ones and embedding tables that never do."""
+        return {
+            f"{name}.{param}"
+            for name in ("vision_tower", "connector")
+            for param in getattr(self, name).no_weight_decay()
+        }
 
     @property
     def vision_tower_dtype(self) -> torch.dtype:

@@ -9,9 +9,9 @@ embedding scheme (``bucketed``: NaViT / Idefics2; ``interpolated``: timm's bicub
 - ``timm``: a timm ``VisionTransformer`` (``siglip_to_timm_state_dict`` ports transformers weights);
 - ``open_clip``: an open_clip visual tower (its own ViT, or a timm trunk run as a ``timm`` tower).
 
-The wrapped model is always at ``tower.vit``, so parameter names (and LoRA target regexes) read
-``vit.encoder.layers.N...`` (siglip), ``vit.blocks.N...`` (timm) or ``vit.transformer.resblocks.N...``
-(open_clip).
+The wrapped model is always at ``tower.vit``; each tower declares its repeated blocks
+(``repeated_blocks``: what LoRA adapts and FSDP2 shards) and its no-decay parameters. Other towers
+plug in with ``register_vision_backend``.
 
 The ``siglip`` tower can also pack (NaViT): under flex attention or a varlen kernel, the real patches of
 all images run as one sequence, each image attending only to itself, with no padded canvas.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import open_clip
@@ -162,6 +162,16 @@ class VisionTower(nn.Module):
         self.patch_size = patch_size
         self.position_embedding = position_embedding
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The tower's repeated transformer blocks, in order: LoRA adapts the linear layers inside them,
+        FSDP2 shards and activation checkpointing wraps each one. Every tower declares its own."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its repeated_blocks().")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to the tower) of parameters that take no weight decay, besides the 1-D ones
+        and embedding tables, which never do (``lit_modules.optim.no_weight_decay``)."""
+        return set()
+
     @property
     def supports_packing(self) -> bool:
         """Whether ``forward(..., packed=True)`` can run: the tower's attention keeps packed images apart."""
@@ -207,6 +217,9 @@ class SiglipVisionTower(VisionTower):
         super().__init__(vit.config.hidden_size, vit.config.patch_size, position_embedding)
         self.vit = vit
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.vit.encoder.layers)
+
     @property
     def supports_packing(self) -> bool:
         return runs_packed_sequences(self.vit.config._attn_implementation)
@@ -250,6 +263,9 @@ class TimmVisionTower(VisionTower):
         super().__init__(vit.embed_dim, vit.patch_embed.patch_size[0], position_embedding)
         self.vit = vit
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.vit.blocks)
+
     def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         vit = self.vit
         x = vit.patch_embed.norm(_patchify(vit.patch_embed.proj, pixel_values))
@@ -285,6 +301,9 @@ class OpenClipVisionTower(VisionTower):
         super().__init__(visual.conv1.out_channels, visual.patch_size[0], position_embedding)
         visual.proj = None  # projection into the contrastive space: not part of the patch features
         self.vit = visual
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.vit.transformer.resblocks)
 
     def _encode(self, pixel_values: Tensor, patch_attention_mask: Tensor, packed: bool) -> Tensor:
         vit = self.vit
@@ -413,7 +432,24 @@ def _build_open_clip(cfg: VisionConfig) -> VisionTower:
     raise ValueError(f"open_clip model {cfg.model_name!r} has a {type(visual).__name__} tower, not a ViT.")
 
 
-_BUILDERS = {"siglip": _build_siglip, "timm": _build_timm, "open_clip": _build_open_clip}
+#: ``vision.backend`` name -> builder of the tower from its ``VisionConfig``; ``register_vision_backend``
+#: adds one.
+VISION_BACKENDS: dict[str, Callable[[VisionConfig], VisionTower]] = {
+    "siglip": _build_siglip,
+    "timm": _build_timm,
+    "open_clip": _build_open_clip,
+}
+
+
+def register_vision_backend(name: str, builder: Callable[[VisionConfig], VisionTower]) -> None:
+    """Make ``vision.backend: <name>`` build a tower with ``builder(cfg)``, without editing this file.
+
+    The tower subclasses ``VisionTower`` and declares its ``repeated_blocks`` (and any
+    ``no_weight_decay`` parameters): that is all LoRA, FSDP2, activation checkpointing and the optimizer
+    need from it."""
+    if name in VISION_BACKENDS:
+        raise ValueError(f"vision backend {name!r} is already registered.")
+    VISION_BACKENDS[name] = builder
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
@@ -426,11 +462,14 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     everything from the named model and ``pretrained`` is an open_clip checkpoint file. Read sizes from
     the returned tower's ``hidden_size`` / ``patch_size``, not from ``cfg``.
     """
-    if cfg.backend not in _BUILDERS:
-        raise ValueError(f"Unknown vision backend {cfg.backend!r}; valid backends: {', '.join(_BUILDERS)}.")
-    if cfg.backend != "siglip" and cfg.attn_implementation not in ("auto", "sdpa"):
+    if cfg.backend not in VISION_BACKENDS:
+        raise ValueError(
+            f"Unknown vision.backend {cfg.backend!r}; registered backends: {', '.join(VISION_BACKENDS)} "
+            "(vlm.vision.register_vision_backend adds one)."
+        )
+    if cfg.backend in ("timm", "open_clip") and cfg.attn_implementation not in ("auto", "sdpa"):
         raise ValueError(
             f"vision.attn_implementation={cfg.attn_implementation!r}: the {cfg.backend} tower calls torch's "
             "sdpa itself; set it to sdpa or auto, or use vision.backend: siglip for other implementations."
         )
-    return _BUILDERS[cfg.backend](cfg)
+    return VISION_BACKENDS[cfg.backend](cfg)
