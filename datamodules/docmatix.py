@@ -29,7 +29,7 @@ Pipeline (``generate_docmatix``; CLI ``python -m datamodules.docmatix``):
 6. One Docmatix row per document with a kept pair (``images`` = its page images as PNG or JPEG
    bytes, ``texts`` = ``[{user, assistant, source: "PDFA key: <key>"}]``; IDL documents say
    ``"IDL key: <key>"``), written as ``{out}/data/train-{i:05d}-of-{n:05d}-{16 hex}.parquet`` with
-   the exact Arrow schema and ``huggingface`` metadata of the hub files (DATA_FORMATS §5), which
+   the exact Arrow schema and ``huggingface`` metadata of the hub files (docs/DATA_FORMATS.md §5), which
    ``iter_samples("docmatix", ...)`` reads back.
 
 Every document and every parsed pair is counted: documents read = written + dropped by reason,
@@ -212,7 +212,7 @@ def parse_generation(text: str) -> ParsedGeneration:
 @dataclass(frozen=True)
 class FilterConfig:
     """Thresholds of ``drop_reason``: question length at least ``min_question_chars``, question and
-    answer at most ``max_chars`` (500: m4 drops Docmatix rows with a longer turn, DATA_FORMATS §5)."""
+    answer at most ``max_chars`` (500: m4 drops Docmatix rows with a longer turn, docs/DATA_FORMATS.md §5)."""
 
     min_question_chars: int = 10
     max_chars: int = 500
