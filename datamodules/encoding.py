@@ -4,7 +4,7 @@ Two formats, chosen per source (``mode``):
 
 - ``pretraining`` (OBELICS documents, LAION-COCO pairs, PDFA/IDL pages, RenderedText): ``content``
   becomes one text with an ``<image>`` per image in reading order, joined as m4 does
-  (DATA_FORMATS §1, ``split_pack_and_pad_webdocs``): text right after an image is appended
+  (docs/DATA_FORMATS.md §1, ``split_pack_and_pad_webdocs``): text right after an image is appended
   without a separator, text after text with a space. A PDF/OCR page is its image then its text.
   Labels: every token but image placeholders (``VLMProcessor(return_labels=True)``); an eos
   closes the document.

@@ -20,7 +20,8 @@ from PIL import Image
 
 _VALUE = {"dtype": "string", "_type": "Value"}
 _TEXTS_FEATURE = [{"user": _VALUE, "assistant": _VALUE, "source": _VALUE}]
-# ``huggingface`` features metadata of the Cauldron/Docmatix configs, as written in 2024 (DATA_FORMATS §4-5).
+# ``huggingface`` features metadata of the Cauldron/Docmatix configs, as written in 2024
+# (docs/DATA_FORMATS.md §4-5).
 HF_FEATURES = {
     "conversation": {"images": {"feature": {"_type": "Image"}, "_type": "Sequence"}, "texts": _TEXTS_FEATURE},
     "docmatix_pdf": {"pdf": {"dtype": "binary", "_type": "Value"}, "texts": _TEXTS_FEATURE},

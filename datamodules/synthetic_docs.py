@@ -1,6 +1,6 @@
 """Faithful miniature shards of the document and instruction datasets, filled with learnable content.
 
-Each writer reproduces one hub layout exactly (DATA_FORMATS §3-8: file names, tar member names and
+Each writer reproduces one hub layout exactly (docs/DATA_FORMATS.md §3-8: file names, tar member names and
 key formats, parquet columns, Arrow types and the ``huggingface`` schema metadata as written in 2024)
 so the real readers run on them unchanged. Content comes from ``synthetic_content``: PDF pages and
 rendered text carry random words whose OCR annotation is exactly what is drawn (transcription is

@@ -1,4 +1,4 @@
-"""Faithful miniature OBELICS and LAION-COCO shards (DATA_FORMATS.md §1, §2, §7, §8), filled with shapes.
+"""Faithful miniature OBELICS and LAION-COCO shards (docs/DATA_FORMATS.md §1, §2, §7, §8), filled with shapes.
 
 Every image is a shapes scene (``synthetic_content``) whose caption says what it shows; its URL
 (``https://images.example.com/<colour>-<count>-<shape>-<8 hex>.jpg``) encodes the scene, so

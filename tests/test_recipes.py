@@ -129,7 +129,7 @@ def check_idefics2_chatty(config: dict) -> None:
 
 
 def check_idefics3(config: dict) -> None:
-    """Idefics3 §5.2.1 / Table 3 (summaries): 3 stages, frozen backbones then DoRA, 364 -> 1820 px during
+    """Idefics3 §5.2.1 / Table 3: 3 stages, frozen backbones then DoRA, 364 -> 1820 px during
     stage 1, sequence length 10k, batch 1024, synthetic data and a cosine to 0 in the last stage."""
     data = config["data"]["init_args"]
     assert global_batch(config) == 1024

@@ -1,4 +1,5 @@
-"""OBELICS and LAION-COCO readers, image stores and miniature-shard writers (DATA_FORMATS.md §1, 2, 7, 8)."""
+"""OBELICS and LAION-COCO readers, image stores and miniature-shard writers
+(docs/DATA_FORMATS.md §1, 2, 7, 8)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Readers of instruction (SFT) data: The Cauldron, Docmatix, text-only sets, and m4's SFT tars.
 
-Hub parquet (DATA_FORMATS §4-6): ``images: list<struct<bytes, path>>`` + ``texts: list<struct<user,
+Hub parquet (docs/DATA_FORMATS.md §4-6): ``images: list<struct<bytes, path>>`` + ``texts: list<struct<user,
 assistant, source>>`` per row (Docmatix's ``pdf`` config has ``pdf: binary`` instead of ``images``),
 streamed row group by row group. m4's own SFT tars (§7.3) hold the same rows as
 ``{id}.{i}.image.jpeg`` / ``{id}.{j}.text.txt`` (JSON turn) / ``{id}.metadata.txt`` members.

@@ -5,7 +5,7 @@ URL with ``store.get(url)``, which returns the bytes or ``None`` when the image 
 (never downloaded, dead link, timeout); the reader counts ``None`` as ``missing_image``.
 
 - ``LocalImageStore(root)``: the output directory of an img2dataset run over those URLs (shards
-  ``00000.tar`` + ``00000.parquet``, DATA_FORMATS.md §2) -- the reproducible way to train.
+  ``00000.tar`` + ``00000.parquet``, docs/DATA_FORMATS.md §2) -- the reproducible way to train.
 - ``HttpImageStore(...)``: fetch on the fly with timeouts, retries and an on-disk cache.
 """
 

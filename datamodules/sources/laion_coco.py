@@ -1,6 +1,6 @@
 """LAION-COCO image-caption pairs (reader ``"laion_coco"``).
 
-Three layouts (DATA_FORMATS.md §2, §7.2):
+Three layouts (docs/DATA_FORMATS.md §2, §7.2):
 
 - img2dataset webdataset shards (``00000.tar``): members ``{key}.jpg`` (or png/webp), ``{key}.json``,
   ``{key}.txt``, 9-digit keys with gaps where downloads failed. The ``.txt`` is the column img2dataset

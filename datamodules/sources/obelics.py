@@ -1,6 +1,6 @@
 """OBELICS interleaved web documents (reader ``"obelics"``), from the hub parquet or m4 web-document tars.
 
-- Hub parquet (DATA_FORMATS.md §1): columns ``images`` (URL or null), ``texts`` (text or null),
+- Hub parquet (docs/DATA_FORMATS.md §1): columns ``images`` (URL or null), ``texts`` (text or null),
   ``metadata`` (JSON list, a dict per image) and ``general_metadata`` (JSON dict of the page, or ``[]``
   in dirty rows). Images are URLs, resolved through ``image_store`` (``image_store.py``).
 - m4 web-document tars (§7.1): ``./{id}.{i}.text.txt``, ``./{id}.{i}.image.jpeg`` and

@@ -1,11 +1,11 @@
 """Readers of the pixparse PDF datasets PDFA (``"pdfa"``) and IDL (``"idl"``): page images with OCR text.
 
-Both are webdataset tars of whole documents (DATA_FORMATS §3): PDFA ``{key}.pdf`` + ``{key}.json`` with
-``pages[].lines.text``; IDL adds ``{key}.tif`` (multi-page render) and ``{key}.ocr``, and its JSON has
-flat ``pages[].text`` lists (Textract lines). As in m4, documents are cut into samples of
-``pages_per_sample`` pages (1 by default), each page giving ``[page image, its lines joined by "\\n"]``;
-pages without text are dropped (``filtered:empty_page``). PDFs are rendered with pypdfium2 (m4 used
-PyMuPDF at 150 dpi, converted to grayscale — the defaults here).
+Both are webdataset tars of whole documents (docs/DATA_FORMATS.md §3): PDFA ``{key}.pdf`` +
+``{key}.json`` with ``pages[].lines.text``; IDL adds ``{key}.tif`` (multi-page render) and
+``{key}.ocr``, and its JSON has flat ``pages[].text`` lists (Textract lines). As in m4, documents
+are cut into samples of ``pages_per_sample`` pages (1 by default), each page giving ``[page image,
+its lines joined by "\\n"]``; pages without text are dropped (``filtered:empty_page``). PDFs are
+rendered with pypdfium2 (m4 used PyMuPDF at 150 dpi, converted to grayscale — the defaults here).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reader of RenderedText (``wendlerc/RenderedText``, ``"rendered_text"``): photos of rendered handwriting.
 
-Webdataset tars of ``{key}.png`` + ``{key}.json`` (DATA_FORMATS §6); the transcription is
+Webdataset tars of ``{key}.png`` + ``{key}.json`` (docs/DATA_FORMATS.md §6); the transcription is
 ``json["ocr_annotation"]["text"]``, a list of lines, joined with ``"\\n"`` as m4 did.
 """
 

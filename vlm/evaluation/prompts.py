@@ -4,8 +4,8 @@ Paper prompts (Idefics2, appendix A.3.1): open-ended VQA (TextVQA, DocVQA, VQAv2
 ``Question: {question}\\nGive a very brief answer.``; multiple choice (MMMU, MathVista, MMBench)
 lists ``Choices:`` as ``A. ...`` lines and ends with ``Answer with the letter.``; generation stops at
 the words ``Question``, ``User``, ``<end_of_utterance>`` and eos. Our choices, where the paper gives
-none: the VQA prompt also for OK-VQA and ChartQA (m4's evaluation code does the same, DATA_FORMATS.md
-9.5), the multiple-choice prompt also for AI2D and MMStar, lmms-eval's COCO prompt ``Provide a
+none: the VQA prompt also for OK-VQA and ChartQA (m4's evaluation code does the same, docs/DATA_FORMATS.md
+§9), the multiple-choice prompt also for AI2D and MMStar, lmms-eval's COCO prompt ``Provide a
 one-sentence caption for the provided image.`` for captioning, and the plain-text (base model) layout
 ``{images}{prompt}\\nAnswer: {answer}\\n`` per document.
 """
