@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from idefics_fixtures import LLAMA3_BOS, RELEASED_IDEFICS2_CHAT_TEMPLATE, RELEASED_IDEFICS3_CHAT_TEMPLATE
 from PIL import Image
 from transformers import (
     Idefics2ImageProcessorPil,
@@ -152,20 +153,6 @@ def test_placeholder_and_image_counts_must_match(fusion):
 
 
 # --- chat template --------------------------------------------------------------------------
-
-
-# The ``chat_template`` of the released processors, copied from their processor_config.json on the hub
-# (HuggingFaceM4/idefics2-8b, the same in idefics2-8b-chatty; HuggingFaceM4/Idefics3-8B-Llama3): the
-# reference our template must render like, written here so the test needs no download.
-RELEASED_IDEFICS2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{message['role'].capitalize()}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-LLAMA3_BOS = "<|begin_of_text|>"
-RELEASED_IDEFICS3_CHAT_TEMPLATE = LLAMA3_BOS + RELEASED_IDEFICS2_CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
