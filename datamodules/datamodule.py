@@ -36,7 +36,7 @@ from datamodules.mixture import MixtureConfig, SourceConfig
 from datamodules.packing import RowPacker, collate_rows
 from datamodules.sample import Sample
 from datamodules.sources import expand_urls
-from datamodules.sources.base import RecordStats, get_reader
+from datamodules.sources.base import RecordStats, get_reader, read_shard, shard_names
 from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
@@ -81,9 +81,13 @@ class SequentialStream(IterableDataset):
         consumer, consumers = consumer_slot()
         for config in self.sources:
             reader, shards = get_reader(config.source), expand_urls(config.urls)
-            mine = shards[consumer::consumers] if len(shards) >= consumers else shards
+            named = list(zip(shards, shard_names(shards)))
+            mine = named[consumer::consumers] if len(shards) >= consumers else named
+            stats = self.stats[config.source]
             samples = (
-                s for shard in mine for s in reader(shard, self.stats[config.source], **config.options)
+                sample
+                for shard, name in mine
+                for sample in read_shard(reader, shard, name, stats, **config.options)
             )
             if len(shards) < consumers:
                 samples = islice(samples, consumer, None, consumers)

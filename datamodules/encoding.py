@@ -14,8 +14,9 @@ Two formats, chosen per source (``mode``):
 
 Each sample's ``meta["max_image_resolution"]`` (set by ``MixtureStream``) caps the image
 processor's ``longest_edge`` for that sample. Random choices (turn order, image splitting,
-up-scaling) are seeded by ``(seed, sample.key)``, so an encoding never depends on where it runs:
-a resumed or re-sharded run encodes every sample as the original run did. Data problems (image
+up-scaling) are seeded by ``(seed, sample.key)``, so an encoding never depends on where it runs
+(a resumed or re-sharded run encodes every sample as the original run did) nor on where the data
+is stored (keys name shards relative to their root, ``sources.shard_names``). Data problems (image
 count mismatch, image tokens written in the text, an image budget that cannot be met) return
 ``None`` and are counted in ``stats`` by reason.
 """

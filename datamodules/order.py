@@ -31,7 +31,7 @@ import numpy as np
 
 from datamodules.index import ShardIndex, checked_index
 from datamodules.sample import Sample
-from datamodules.sources.base import RecordStats, get_reader
+from datamodules.sources.base import RecordStats, get_reader, read_shard, shard_names
 from datamodules.sources.shard_io import ShardIO
 
 
@@ -67,6 +67,7 @@ class SourceOrder:
             raise ValueError(f"block_size and partitions must be >= 1; got {block_size}, {partitions}.")
         self.name, self.seed, self.partitions, self.shuffle = name, seed, partitions, shuffle
         self.shards = [(index.url, index.format, index.size, index.stamp) for index in indexes]
+        self.names = shard_names([index.url for index in indexes])  # in sample keys (read_shard)
         self.records = sum(index.records for index in indexes)
         if self.records == 0:
             urls = [index.url for index in indexes]
@@ -169,7 +170,8 @@ class PartitionSource:
         if block.damage and self.position == 0 and self.taken == 0:
             self.stats.skip(block.damage)
         self._span = index.span(block.start, block.stop, order, self.position, self.source.io)
-        self._samples = self.reader(url, self.stats, span=self._span, **self.source.options)
+        name = self.source.order.names[block.shard]
+        self._samples = read_shard(self.reader, url, name, self.stats, span=self._span, **self.source.options)
         self._drop = self.taken
         self.taken = 0
 

@@ -15,8 +15,10 @@ class Sample:
     document (OBELICS page, caption pair, PDF page with its OCR text). For conversations (The
     Cauldron, Docmatix, text-only instruction data) ``content`` holds the images the conversation
     is about and ``turns`` the (user, assistant) pairs in order. ``source`` names the reader
-    (``"obelics"``, ``"laion_coco"``, ...), ``key`` identifies the record within its shard
-    (``"<shard url>#<record key>"`` style, unique across a dataset) and ``meta`` keeps
+    (``"obelics"``, ``"laion_coco"``, ...), ``key`` identifies the record: a reader yields its key
+    inside the shard, a stream (``iter_samples``, the data module) makes it ``"<shard name>#<record
+    key>"``, the shard named relative to its source's root (``sources.shard_names``): unique across
+    a source and the same wherever the data is stored. ``meta`` keeps
     source-specific fields a filter or a notebook may want (URLs, scores, sizes).
     """
 

@@ -1,4 +1,5 @@
-"""Tiny random transformers Idefics2/Idefics3 models and a mixed batch, shared by the parity tests."""
+"""Tiny random transformers Idefics2/Idefics3 models, a mixed batch and the released chat templates,
+shared by the parity tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
 )
+
+# The ``chat_template`` of the released processors, copied from their processor_config.json on the hub
+# (HuggingFaceM4/idefics2-8b, the same in idefics2-8b-chatty; HuggingFaceM4/Idefics3-8B-Llama3): the
+# reference our template must render like, written here so the test needs no download.
+RELEASED_IDEFICS2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+LLAMA3_BOS = "<|begin_of_text|>"
+RELEASED_IDEFICS3_CHAT_TEMPLATE = LLAMA3_BOS + RELEASED_IDEFICS2_CHAT_TEMPLATE
 
 PATCH = 8
 TEXT = dict(

@@ -64,13 +64,6 @@ PAPER = {
 FULL_VARIANTS = [(axis, variant) for axis in AXES for variant in AXES[axis].variants]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the tiny runs pin 1 thread (TorchThreads)
-
-
 # ------------------------------------------------------------------ the axis files
 
 

@@ -215,6 +215,7 @@ def _text_files():
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=60,
     )
     if tracked.returncode != 0:  # not a git checkout: walk the tree
         names = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()]

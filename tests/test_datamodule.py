@@ -52,9 +52,9 @@ def samples_of(root: Path, source: str) -> list[Sample]:
     return list(iter_samples(source, shards))
 
 
-def tiny_config(root: Path, **overrides) -> dict:
-    """``configs/data/tiny.yaml``'s init_args with ``${DATA_ROOT}`` = ``root``."""
-    os.environ["DATA_ROOT"] = str(root)
+def tiny_config(root: Path, monkeypatch: pytest.MonkeyPatch, **overrides) -> dict:
+    """``configs/data/tiny.yaml``'s init_args with ``${DATA_ROOT}`` = ``root`` (for this test only)."""
+    monkeypatch.setenv("DATA_ROOT", str(root))
     return {**yaml.safe_load(TINY_CONFIG.read_text())["init_args"], **overrides}
 
 
@@ -133,9 +133,9 @@ def test_row_packer_respects_row_budgets_and_counts_drops(shards, processor):
     assert encoder.stats.read > 0
 
 
-def test_datamodule_batches_feed_the_model(shards):
+def test_datamodule_batches_feed_the_model(shards, monkeypatch):
     val = [{"source": "cauldron", "urls": f"{shards}/cauldron/*/*.parquet", "weight": 1, "max_seq_len": 256}]
-    dm = VLMDataModule(**tiny_config(shards, batch_size=2, val_sources=val))
+    dm = VLMDataModule(**tiny_config(shards, monkeypatch, batch_size=2, val_sources=val))
     torch.manual_seed(0)
     model = VisionLanguageModel(get_preset("idefics2-tiny"), tokenizer=dm.processor.tokenizer)
     for batch, _ in zip(dm.train_dataloader(), range(2)):
@@ -217,15 +217,16 @@ torch.save(Record.seen, out)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_lightning_resume_continues_with_the_same_batches(shards, tmp_path, num_workers):
-    config = tiny_config(shards, num_workers=num_workers, batch_size=1)
+def test_lightning_resume_continues_with_the_same_batches(shards, tmp_path, num_workers, monkeypatch):
+    config = tiny_config(shards, monkeypatch, num_workers=num_workers, batch_size=1)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "run.py").write_text(textwrap.dedent(RESUME_SCRIPT))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
     def run(ckpt_dir: str, out: str, ckpt_path: str) -> dict[int, torch.Tensor]:
         args = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "config.yaml")]
-        subprocess.run([*args, str(tmp_path / ckpt_dir), str(tmp_path / out), ckpt_path], env=env, check=True)
+        command = [*args, str(tmp_path / ckpt_dir), str(tmp_path / out), ckpt_path]
+        subprocess.run(command, env=env, check=True, timeout=600)
         return torch.load(tmp_path / out)
 
     full = run("full", "full.pt", "-")

@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from idefics_fixtures import RELEASED_IDEFICS2_CHAT_TEMPLATE
 from PIL import Image
 from transformers import Idefics2Processor, Idefics3Processor
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
@@ -215,3 +216,115 @@ def test_small_images_without_upscaling_still_give_full_tiles_to_the_model():
     assert batch["pixel_values"].shape[-2:] == (32, 32)
     assert batch["pixel_attention_mask"][0, 13:].sum() == 0  # the small image's padding is masked
     assert torch.isfinite(model(**batch).logits).all()
+
+
+# --- drop-in for transformers' processors ---------------------------------------------------------
+
+
+def chat(image_a: Image.Image | None, image_b: Image.Image | None) -> list[dict]:
+    """A two-turn conversation whose image items hold their images, as transformers users write them."""
+    first = (
+        [{"type": "text", "text": "What is this?"}]
+        if image_a is None
+        else [
+            {"type": "image", "image": image_a},
+            {"type": "text", "text": "What is this?"},
+        ]
+    )
+    second = [{"type": "text", "text": "And now?"}]
+    if image_b is not None:
+        second.insert(0, {"type": "image", "image": image_b})
+    return [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": [{"type": "text", "text": "A gradient."}]},
+        {"role": "user", "content": second},
+    ]
+
+
+def assert_same_inputs(got, expected) -> None:
+    """Equal ids and mask; our flat tiles are transformers' tiles without its all-zero padding images."""
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["attention_mask"], expected["attention_mask"])
+    real = expected["pixel_attention_mask"].flatten(0, 1).any(dim=(1, 2))
+    expected_tiles = expected["pixel_values"].flatten(0, 1)[real]
+    torch.testing.assert_close(got["pixel_values"], expected_tiles, atol=1e-5, rtol=0)
+    assert torch.equal(got["pixel_attention_mask"], expected["pixel_attention_mask"].flatten(0, 1)[real])
+
+
+@pytest.mark.parametrize("recipe", ["idefics2", "idefics3"])
+def test_transformers_style_calls_give_what_transformers_gives(recipe):
+    reference = reference_processor(recipe, splitting=True)
+    # the released Idefics3 template writes Llama 3's BOS as text; the tiny tokenizer adds its own BOS
+    reference.chat_template = RELEASED_IDEFICS2_CHAT_TEMPLATE
+    ours = VLMProcessor.from_transformers(reference)
+    a, b, c = make_image(90, 50, seed=1), make_image(40, 64, seed=2), make_image(500, 300, seed=3)
+    conversations = [chat(a, b), chat(None, None), chat(None, c)]
+    texts = ours.apply_chat_template(conversations, add_generation_prompt=True)
+    assert texts == reference.apply_chat_template(conversations, add_generation_prompt=True)
+    nested, flat = [[a, b], [], [c]], [a, b, c]
+    longest = int(ours(text=texts, images=nested)["attention_mask"].sum(1).max())
+    for kwargs in (
+        {"return_tensors": "pt", "padding": True},
+        {"return_tensors": "pt", "padding": "max_length", "truncation": True, "max_length": longest + 7},
+    ):
+        expected = reference(text=texts, images=nested, **kwargs)
+        for images in (nested, flat):
+            assert_same_inputs(ours(text=texts, images=images, **kwargs), expected)
+        padded = ours(text=texts, images=nested, image_layout="transformers", **kwargs)
+        assert set(padded) == set(expected) and padded["pixel_values"].shape == expected["pixel_values"].shape
+    tokenized = dict(
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    assert_same_inputs(
+        ours.apply_chat_template(conversations, **tokenized),
+        reference.apply_chat_template(conversations, **tokenized),
+    )
+    ids = ours.apply_chat_template(conversations[0], add_generation_prompt=True, tokenize=True)
+    assert ids.shape[0] == 1 and ours.batch_decode(ids)[0] == ours.decode(ids[0])
+
+
+def test_transformers_style_mistakes_are_named():
+    processor, _ = tiny_processor("idefics3-tiny")
+    image = make_image(64, 64)
+    with pytest.raises(TypeError, match=r"do_image_splitting.*ImageProcessor"):
+        processor(text=[prompt(1)], images=[image], do_image_splitting=False)
+    with pytest.raises(ValueError, match=r"return_tensors='np'.*'pt'"):
+        processor(text=[prompt(1)], images=[image], return_tensors="np")
+    with pytest.raises(ValueError, match="max_length=20 cuts the image tokens of text 0"):
+        processor(text=[prompt(1)], images=[image], truncation=True, max_length=20)
+    with pytest.raises(ValueError, match="Message 0 has an image item without its image"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=True)
+    with pytest.raises(TypeError, match="continue_final_message"):
+        processor.apply_chat_template(chat(image, None), continue_final_message=True)
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    tokenizer = load_tiny_tokenizer()
+    image_processor = ImageProcessor("idefics3", tile_size=32, longest_edge=128, random_upscale=(0.5, 1.0))
+    processor = VLMProcessor(
+        tokenizer, image_processor, image_seq_len=4, fusion="cross_attention", max_image_tokens_per_sample=40
+    )
+    processor.save_pretrained(tmp_path / "saved")
+    loaded = VLMProcessor.from_pretrained(tmp_path / "saved")
+    assert loaded.image_processor == processor.image_processor
+    assert (loaded.image_seq_len, loaded.fusion, loaded.pil_rgb_inputs) == (4, "cross_attention", False)
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    images, texts = [[make_image(128, 128)], []], [prompt(1), "User: no image"]
+    got, expected = loaded(text=texts, images=images), processor(text=texts, images=images)
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in got)
+
+
+@pytest.mark.parametrize("recipe", ["idefics2", "idefics3"])
+def test_from_pretrained_reads_a_folder_transformers_saved(recipe, tmp_path):
+    reference = reference_processor(recipe, splitting=True)
+    reference.save_pretrained(tmp_path)
+    loaded = VLMProcessor.from_pretrained(tmp_path)
+    expected = VLMProcessor.from_transformers(reference)
+    assert loaded.image_processor == expected.image_processor
+    assert loaded.image_seq_len == expected.image_seq_len
+    assert loaded.pil_rgb_inputs == expected.pil_rgb_inputs == (recipe == "idefics2")
+    images = [[make_image(300, 200)]]
+    assert torch.equal(
+        loaded(text=[prompt(1)], images=images)["input_ids"],
+        expected(text=[prompt(1)], images=images)["input_ids"],
+    )

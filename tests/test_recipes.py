@@ -534,13 +534,9 @@ def workdir(tmp_path_factory) -> Path:
 def run_twin(name: str, workdir: Path, monkeypatch, *overrides: str):
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", [name])  # LightningCLI is given its args: no pytest ones
-    threads = torch.get_num_threads()
-    try:
-        config = CONFIGS / "tiny" / f"{name}.yaml"
-        recorder = f"{StageRecorder.__module__}.{StageRecorder.__qualname__}"
-        return main(["fit", "--config", str(config), f"--trainer.callbacks+={recorder}", *overrides])
-    finally:
-        torch.set_num_threads(threads)  # the twins pin 1 thread (TorchThreads)
+    config = CONFIGS / "tiny" / f"{name}.yaml"
+    recorder = f"{StageRecorder.__module__}.{StageRecorder.__qualname__}"
+    return main(["fit", "--config", str(config), f"--trainer.callbacks+={recorder}", *overrides])
 
 
 def normalised(mixture: dict[str, float], sources: list[str]) -> list[float]:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from idefics_fixtures import LLAMA3_BOS, RELEASED_IDEFICS2_CHAT_TEMPLATE, RELEASED_IDEFICS3_CHAT_TEMPLATE
 from PIL import Image
 from transformers import (
     Idefics2ImageProcessorPil,
@@ -18,7 +19,6 @@ from transformers import (
 
 from vlm.config import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
 from vlm.processing.text import (
-    IDEFICS_CHAT_TEMPLATE,
     apply_chat_template,
     build_labels,
     expand_image_tokens,
@@ -157,8 +157,18 @@ def test_placeholder_and_image_counts_must_match(fusion):
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("n_messages", [2, 3, 5, 7])
-def test_chat_template_matches_transformers(tokenizer, add_generation_prompt, n_messages):
-    processor = Idefics2Processor(Idefics2ImageProcessorPil(), tokenizer, chat_template=IDEFICS_CHAT_TEMPLATE)
+@pytest.mark.parametrize("released", ["idefics2", "idefics3"])
+def test_chat_template_matches_the_released_processors(
+    tokenizer, released, add_generation_prompt, n_messages
+):
+    if released == "idefics2":
+        processor = Idefics2Processor(
+            Idefics2ImageProcessorPil(), tokenizer, chat_template=RELEASED_IDEFICS2_CHAT_TEMPLATE
+        )
+    else:
+        processor = Idefics3Processor(
+            Idefics3ImageProcessorPil(), tokenizer, chat_template=RELEASED_IDEFICS3_CHAT_TEMPLATE
+        )
     messages = CONVERSATION[:n_messages]
     # transformers' template needs list contents; ours also takes plain strings.
     as_lists = [
@@ -168,7 +178,8 @@ def test_chat_template_matches_transformers(tokenizer, add_generation_prompt, n_
     expected = processor.apply_chat_template(
         as_lists, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    assert apply_chat_template(messages, add_generation_prompt) == expected
+    # Idefics3's template writes Llama 3's BOS itself; our text leaves it to the tokenizer, which adds it.
+    assert apply_chat_template(messages, add_generation_prompt) == expected.removeprefix(LLAMA3_BOS)
 
 
 def test_chat_template_format():

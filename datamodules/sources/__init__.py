@@ -2,7 +2,8 @@
 
 ``iter_samples(source, urls, **options)`` expands ``urls`` (paths, globs, brace patterns such as
 ``shard-{0000..0099}.tar``, URLs, ``pipe:`` commands) into shards and streams their ``Sample``s in
-order; skipped records and retried reads are counted on the returned iterator's ``.stats``.
+order; skipped records and retried reads are counted on the returned iterator's ``.stats``. Sample
+keys are ``"<shard name>#<record key>"``, the shard named relative to the shards' root (``shard_names``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import braceexpand
 import fsspec
 
 from datamodules.sample import Sample
-from datamodules.sources.base import READERS, RecordStats, get_reader, register
+from datamodules.sources.base import READERS, RecordStats, get_reader, read_shard, register, shard_names
 
 _GLOB_CHARS = set("*?[")
 
@@ -63,7 +64,11 @@ class SampleStream(Iterator[Sample]):
     def __init__(self, source: str, shards: list[str], options: dict) -> None:
         self.source, self.shards, self.stats = source, shards, RecordStats()
         reader = get_reader(source)
-        self._samples = (sample for shard in shards for sample in reader(shard, self.stats, **options))
+        self._samples = (
+            sample
+            for shard, name in zip(shards, shard_names(shards))
+            for sample in read_shard(reader, shard, name, self.stats, **options)
+        )
 
     def __next__(self) -> Sample:
         return next(self._samples)
@@ -78,4 +83,14 @@ def iter_samples(source: str, urls: str | Sequence[str], **options) -> SampleStr
 # Importing the reader modules registers them in READERS.
 from datamodules.sources import conversations, laion_coco, obelics, pdf_documents, rendered_text  # noqa: E402, F401
 
-__all__ = ["READERS", "RecordStats", "Sample", "SampleStream", "expand_urls", "iter_samples", "register"]
+__all__ = [
+    "READERS",
+    "RecordStats",
+    "Sample",
+    "SampleStream",
+    "expand_urls",
+    "iter_samples",
+    "read_shard",
+    "register",
+    "shard_names",
+]

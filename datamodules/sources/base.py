@@ -2,7 +2,9 @@
 
 A reader is a function ``read(shard: str, stats: RecordStats, *, span=None, **options) ->
 Iterator[Sample]`` that streams ONE shard (a local path, an fsspec URL or a ``pipe:`` command) in a
-deterministic order, or only the records of ``span`` (``records.RecordSpan``). Bad records (corrupt
+deterministic order, or only the records of ``span`` (``records.RecordSpan``), each ``Sample.key``
+naming the record inside its shard. ``read_shard`` prefixes the shard's ``shard_names`` name, so a
+key never says where the data sits (encodings are seeded by it). Bad records (corrupt
 images, invalid JSON, null rows, missing members...) are skipped with ``stats.skip(reason)``; nothing
 else is ever dropped silently (filters count their drops too, under ``filtered:<name>``). A shard that
 cannot be opened at all raises ``FileNotFoundError`` with its path. Readers read through the
@@ -13,8 +15,9 @@ its retries in ``stats``. Readers register themselves with ``@register("name")``
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from datamodules.sample import Sample
 
@@ -91,3 +94,26 @@ def get_reader(source: str) -> Reader:
     if source not in READERS:
         raise ValueError(f"Unknown source {source!r}; known sources: {', '.join(sorted(READERS))}.")
     return READERS[source]
+
+
+def shard_names(shards: Sequence[str]) -> list[str]:
+    """Each shard's name relative to the deepest folder holding all of ``shards`` (a lone shard's
+    name is its file name).
+
+    Sample keys and the random choices seeded by them use these names, so the same shards give
+    the same samples wherever they are stored (another folder, a copy on a web server). The names
+    are unique when the shards are. Paths, ``file://``/``https://``... URLs and ``pipe:`` commands
+    are all split at ``/``: ``https://host/data/a/0.tar`` next to ``.../data/b/0.tar`` is ``a/0.tar``.
+    """
+    parts = [shard.rstrip("/").split("/") for shard in shards]
+    folders = [part[:-1] for part in parts]
+    depth = 0
+    while folders and all(len(folder) > depth and folder[depth] == folders[0][depth] for folder in folders):
+        depth += 1
+    return ["/".join(part[depth:]) for part in parts]
+
+
+def read_shard(reader: Reader, shard: str, name: str, stats: RecordStats, **options) -> Iterator[Sample]:
+    """``reader``'s samples of ``shard``, keyed ``"<name>#<record key>"`` (``name`` from ``shard_names``)."""
+    for sample in reader(shard, stats, **options):
+        yield dataclasses.replace(sample, key=f"{name}#{sample.key}")

@@ -111,7 +111,7 @@ def _read_parquet(
             continue
         stats.ok()
         meta = {"subset": subset, "source": row["texts"][0]["source"]}
-        yield Sample(source=source, key=f"{shard}#{index}", content=list(images), turns=turns, meta=meta)
+        yield Sample(source=source, key=str(index), content=list(images), turns=turns, meta=meta)
 
 
 @register("cauldron")
@@ -171,4 +171,4 @@ def read_m4_sft(
             continue
         stats.ok()
         meta = {"source": texts[0]["source"]}
-        yield Sample(source="m4_sft", key=f"{shard}#{key}", content=list(images), turns=turns, meta=meta)
+        yield Sample(source="m4_sft", key=key, content=list(images), turns=turns, meta=meta)

@@ -65,11 +65,11 @@ class _Filters:
             raise BadRecord("filtered:small_image")
 
 
-def _pair(shard: str, key: str, image: Image.Image, caption: str, meta: dict) -> Sample:
-    return Sample(source="laion_coco", key=f"{shard}#{key}", content=[image, caption], meta=meta)
+def _pair(key: str, image: Image.Image, caption: str, meta: dict) -> Sample:
+    return Sample(source="laion_coco", key=key, content=[image, caption], meta=meta)
 
 
-def _tar_pair(shard: str, key: str, members: dict[str, bytes], column: str, filters: _Filters) -> Sample:
+def _tar_pair(key: str, members: dict[str, bytes], column: str, filters: _Filters) -> Sample:
     """One record of an img2dataset shard or of an m4 pair tar (told apart by member suffixes)."""
     if "image.jpeg" in members or "text.txt" in members:  # m4 pair tar
         if not {"image.jpeg", "text.txt"} <= members.keys():
@@ -91,7 +91,7 @@ def _tar_pair(shard: str, key: str, members: dict[str, bytes], column: str, filt
     filters.check_scores(meta)
     image = decode_image(image_bytes)
     filters.check_image(image)
-    return _pair(shard, key, image, caption, meta)
+    return _pair(key, image, caption, meta)
 
 
 def _parquet_pairs(
@@ -129,7 +129,7 @@ def _parquet_pairs(
                 **{key: row[key] for key in ("TEXT", "punsafe", "pwatermark") if key in row},
             }
             stats.ok()
-            yield _pair(shard, str(row_index), image, row[column], meta)
+            yield _pair(str(row_index), image, row[column], meta)
 
 
 @register("laion_coco")
@@ -159,7 +159,7 @@ def read_laion_coco(
         return
     for key, members in iter_tar_groups(shard, stats, span):
         try:
-            sample = _tar_pair(shard, key, members, column, filters)
+            sample = _tar_pair(key, members, column, filters)
         except BadRecord as bad:
             stats.skip(bad.reason)
             continue

@@ -78,7 +78,6 @@ class _DocumentFilter:
 
     def __init__(
         self,
-        shard: str,
         stats: RecordStats,
         image_store: ImageStore | None,
         perplexity_scorer: Callable[[str], float] | None,
@@ -88,14 +87,14 @@ class _DocumentFilter:
     ) -> None:
         if (perplexity_scorer is None) != (max_perplexity is None):
             raise ValueError("The perplexity filter needs both perplexity_scorer and max_perplexity.")
-        self.shard, self.stats, self.store = shard, stats, image_store
+        self.stats, self.store = stats, image_store
         self.scorer, self.max_perplexity = perplexity_scorer, max_perplexity
         self.max_images, self.drop_bad_images = max_images_per_document, drop_bad_images
 
     def samples(self, key: str, nodes: list[Node], meta: dict) -> Iterator[Sample]:
         documents = split_documents(nodes)
         for part, document in enumerate(documents):
-            part_key = f"{self.shard}#{key}" + (f"/{part}" if len(documents) > 1 else "")
+            part_key = key + (f"/{part}" if len(documents) > 1 else "")
             try:
                 content, images = self._content(document, split=len(documents) > 1)
             except BadRecord as bad:
@@ -229,7 +228,7 @@ def read_obelics(
     (see ``RecordSpan``).
     """
     documents = _DocumentFilter(
-        shard, stats, image_store, perplexity_scorer, max_perplexity, max_images_per_document, drop_bad_images
+        stats, image_store, perplexity_scorer, max_perplexity, max_images_per_document, drop_bad_images
     )
     if shard_format(shard, format) == "parquet":
         yield from _read_parquet(shard, stats, documents, span)

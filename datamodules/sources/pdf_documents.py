@@ -134,7 +134,7 @@ def _read_documents(
                 content += [render(index), texts[index]]
             stats.ok()
             meta = {"pages": chunk, "page_count": len(pages)}
-            yield Sample(source=source, key=f"{shard}#{key}/{chunk[0]}", content=content, meta=meta)
+            yield Sample(source=source, key=f"{key}/{chunk[0]}", content=content, meta=meta)
 
 
 @register("pdfa")

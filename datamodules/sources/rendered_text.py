@@ -39,4 +39,4 @@ def read_rendered_text(shard: str, stats: RecordStats, span: RecordSpan | None =
             stats.skip(bad.reason)
             continue
         stats.ok()
-        yield Sample(source="rendered_text", key=f"{shard}#{key}", content=[image, text])
+        yield Sample(source="rendered_text", key=key, content=[image, text])

@@ -16,7 +16,7 @@ import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -211,6 +211,21 @@ class ImageProcessor:
             raise ValueError(f"max_tiles_per_sample must be >= 1, got {self.max_tiles_per_sample}.")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data; ``from_dict`` rebuilds an equal processor (what
+        ``VLMProcessor.save_pretrained`` writes)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> ImageProcessor:
+        """The processor of ``to_dict``'s settings (JSON lists turned back into tuples)."""
+        tuples = {
+            name: tuple(settings[name])
+            for name in ("image_mean", "image_std", "random_upscale")
+            if settings.get(name) is not None
+        }
+        return cls(**{**settings, **tuples})
 
     @classmethod
     def from_transformers(cls, image_processor: Any) -> ImageProcessor:

@@ -3,21 +3,26 @@
 For the same tokenizer and settings it gives the ``input_ids``, ``attention_mask``,
 ``pixel_values`` and ``pixel_attention_mask`` of transformers' ``Idefics2Processor`` /
 ``Idefics3Processor`` (``image_layout="transformers"``), faster, and by default in a flat layout
-without padding images: all tiles of the batch in one tensor plus ``tiles_per_sample``.
+without padding images: all tiles of the batch in one tensor plus ``tiles_per_sample``. It takes
+their everyday arguments (``return_tensors="pt"``, ``padding``, ``truncation``, ``max_length``, flat
+or nested images), and has their ``apply_chat_template``, ``decode`` / ``batch_decode`` and
+``save_pretrained`` / ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate, pairwise
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image, ImageOps
-from transformers import BatchFeature, Idefics2Processor
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature, Idefics2Processor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm.config import IMAGE_TOKEN, RECIPE_SPECIAL_TOKENS
@@ -36,6 +41,8 @@ from vlm.processing.text import (
 ImageSource = Image.Image | bytes | str | os.PathLike
 ImagesInput = ImageSource | Sequence[ImageSource] | Sequence[Sequence[ImageSource]]
 ImageLayoutChoice = Literal["flat", "transformers"]
+#: The file ``VLMProcessor.save_pretrained`` writes next to the tokenizer's files.
+PROCESSOR_CONFIG = "vlm_processor.json"
 
 
 def _is_image(item: object) -> bool:
@@ -145,8 +152,34 @@ class VLMProcessor:
             pil_rgb_inputs=isinstance(processor, Idefics2Processor),
         )
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> VLMProcessor:
+        """The processor ``save_pretrained`` wrote to ``path``; any other folder or hub id is read by
+        transformers' ``AutoProcessor`` (e.g. ``"HuggingFaceM4/idefics2-8b"``, with ``kwargs``) and
+        converted by ``from_transformers``."""
+        config_file = Path(path) / PROCESSOR_CONFIG
+        if not config_file.is_file():
+            return cls.from_transformers(AutoProcessor.from_pretrained(path, **kwargs))
+        config = json.loads(config_file.read_text())
+        image_processor = ImageProcessor.from_dict(config.pop("image_processor"))
+        return cls(AutoTokenizer.from_pretrained(path, **kwargs), image_processor, **config)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer and the processor settings (``PROCESSOR_CONFIG``) to the folder ``path``,
+        for ``from_pretrained``."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        config = {
+            "image_processor": self.image_processor.to_dict(),
+            "image_seq_len": self.image_seq_len,
+            "fusion": self.fusion,
+            "pil_rgb_inputs": self.pil_rgb_inputs,
+        }
+        (Path(path) / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
     @property
     def recipe(self) -> Literal["idefics2", "idefics3"]:
+        """``"idefics2"`` or ``"idefics3"``: how images are split and written in the text."""
         return self.image_processor.recipe
 
     def __call__(
@@ -154,22 +187,35 @@ class VLMProcessor:
         text: str | Sequence[str] | None = None,
         images: ImagesInput | None = None,
         *,
+        return_tensors: str = "pt",
         padding: bool | str = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
         padding_side: Literal["left", "right"] | None = None,
         image_layout: ImageLayoutChoice = "flat",
         return_labels: bool = False,
         training: bool = False,
         rng: random.Random | None = None,
+        **unsupported: Any,
     ) -> BatchFeature:
-        """Tokenize ``text`` with each ``<image>`` expanded for its image, and process ``images``.
+        """Tokenize ``text`` with each ``<image>`` expanded for its image, and process ``images``
+        (one image, a flat list split over the texts by their ``<image>`` counts, or one list per text).
 
         Returns ``input_ids``, ``attention_mask`` and, with images, ``pixel_values`` and
         ``pixel_attention_mask``: with ``image_layout="flat"`` all tiles as (n_tiles, 3, H, W) plus
         ``tiles_per_sample`` and ``tiles_per_image``; with ``"transformers"`` exactly transformers'
-        keys, (batch, max_tiles, 3, H, W) with all-zero padding images. ``return_labels`` adds
-        pretraining labels (no loss on padding and image tokens). ``training`` enables the image
-        processor's training-time options.
+        keys, (batch, max_tiles, 3, H, W) with all-zero padding images. ``padding``, ``truncation``
+        and ``max_length`` are the tokenizer's (padding defaults to the longest text); a truncation
+        that would cut image tokens raises. Tensors are PyTorch's (``return_tensors="pt"``).
+        ``return_labels`` adds pretraining labels (no loss on padding and image tokens). ``training``
+        enables the image processor's training-time options.
         """
+        _reject_unsupported("__call__", unsupported)
+        if return_tensors != "pt":
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is not supported: VLMProcessor returns PyTorch tensors, "
+                "pass return_tensors='pt' (or leave it out)."
+            )
         if text is None and images is None:
             raise ValueError("Pass text=..., images=... or both.")
         texts = [text] if isinstance(text, str) else None if text is None else list(text)
@@ -184,7 +230,9 @@ class VLMProcessor:
                 expand_image_tokens(sample, sample_layouts, self.recipe, self.image_seq_len, self.fusion)
                 for sample, sample_layouts in zip(texts, layouts)
             ]
-            output.update(self._tokenize(expanded, padding, padding_side))
+            truncate = {"truncation": truncation, "max_length": max_length}
+            output.update(self._tokenize(expanded, padding, padding_side, **truncate))
+            self._check_image_tokens(expanded, output["input_ids"], max_length)
             if return_labels:
                 output["labels"] = build_labels(
                     output["input_ids"], output["attention_mask"], image_placeholder_token_ids(self.tokenizer)
@@ -237,9 +285,32 @@ class VLMProcessor:
             output.update(self._image_tensors(processed, image_layout))
         return BatchFeature(output)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        """The conversation as text in the Idefics chat format, ``<image>`` placeholders unexpanded."""
-        return apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Message] | Sequence[Sequence[Message]],
+        add_generation_prompt: bool = False,
+        *,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        **call_kwargs: Any,
+    ) -> str | list[str] | torch.Tensor | BatchFeature:
+        """A conversation (or a batch of them) in the Idefics chat format, like transformers'
+        ``processor.apply_chat_template``: the text with ``<image>`` placeholders unexpanded, or with
+        ``tokenize=True`` its ``input_ids`` (all the processor outputs with ``return_dict=True``).
+
+        To tokenize, each ``{"type": "image"}`` item holds its image under ``"image"``, ``"path"`` or
+        ``"url"`` (a PIL image, encoded bytes or a file); ``call_kwargs`` (``padding``,
+        ``max_length``...) go to ``__call__``.
+        """
+        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
+        conversations = list(conversation) if batched else [conversation]
+        texts = [apply_chat_template(messages, add_generation_prompt) for messages in conversations]
+        if not tokenize:
+            _reject_unsupported("apply_chat_template", call_kwargs)
+            return texts if batched else texts[0]
+        images = [_chat_images(messages) for messages in conversations]
+        output = self(text=texts, images=images if any(images) else None, **call_kwargs)
+        return output if return_dict else output["input_ids"]
 
     def decode(self, token_ids: torch.Tensor | Sequence[int], **kwargs: Any) -> str:
         """Text of one sequence of token ids (``tokenizer.decode`` arguments apply)."""
@@ -260,6 +331,17 @@ class VLMProcessor:
                 [ImageOps.exif_transpose(image).convert("RGB") for image in sample] for sample in grouped
             ]
         return self.image_processor(grouped, training=training, rng=rng)
+
+    def _check_image_tokens(self, texts: list[str], input_ids: torch.Tensor, max_length: int | None) -> None:
+        """Raise when the tokenized ``texts`` lost image tokens (a truncation through an image)."""
+        kept = (input_ids == self.image_token_id).sum(1).tolist()
+        for index, (text, count) in enumerate(zip(texts, kept)):
+            if count != text.count(IMAGE_TOKEN):
+                raise ValueError(
+                    f"Truncation to max_length={max_length} cuts the image tokens of text {index} "
+                    f"({count} of {text.count(IMAGE_TOKEN)} kept): raise max_length, shorten the text, "
+                    "or pass fewer or smaller images."
+                )
 
     def _tokenize(
         self, texts: list[str], padding: bool | str, padding_side: str | None, **kwargs: Any
@@ -282,3 +364,32 @@ class VLMProcessor:
             "tiles_per_sample": torch.tensor(processed.tiles_per_sample, dtype=torch.long),
             "tiles_per_image": torch.tensor(tiles_per_image, dtype=torch.long),
         }
+
+
+def _reject_unsupported(method: str, unsupported: dict[str, Any]) -> None:
+    """A transformers-style keyword this processor does not take fails, named, instead of being ignored."""
+    if unsupported:
+        raise TypeError(
+            f"VLMProcessor.{method} does not support the keyword argument(s) {sorted(unsupported)}. "
+            "Image settings (do_image_splitting, size, ...) are the ImageProcessor's: build the "
+            "VLMProcessor with ImageProcessor(...) or VLMProcessor.from_transformers(processor)."
+        )
+
+
+def _chat_images(messages: Sequence[Message]) -> list[ImageSource]:
+    """The images of a conversation's ``{"type": "image"}`` items, in order, to tokenize it."""
+    images = []
+    for number, message in enumerate(messages):
+        content = message["content"]
+        for item in [] if isinstance(content, str) else content:
+            if item.get("type") != "image":
+                continue
+            source = next((item[key] for key in ("image", "path", "url") if item.get(key) is not None), None)
+            if source is None:
+                raise ValueError(
+                    f"Message {number} has an image item without its image: give it an 'image', 'path' "
+                    "or 'url' to tokenize, or call apply_chat_template(tokenize=False) and pass the "
+                    "images to the processor."
+                )
+            images.append(source)
+    return images
