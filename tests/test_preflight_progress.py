@@ -97,3 +97,22 @@ def test_progress_callbacks_follow_stdout():
     assert progress_callbacks([PlainProgress(3)], False, terminal=False) == ([], False)
     with pytest.raises(ValueError, match="every_n_steps"):
         PlainProgress(0)
+
+
+def test_preflight_report_reads_the_config(tmp_path, monkeypatch):
+    from vlm.preflight import preflight_report
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"")
+    data = {
+        "init_args": {"tokenizer": "tiny", "sources": [{"source": "s", "urls": "${ROOT19}/shards/*.tar"}]}
+    }
+    config = {"trainer": {"accelerator": "cpu", "devices": 1}, "model": {"init_args": {}}, "data": data}
+    monkeypatch.delenv("ROOT19", raising=False)
+    assert "ROOT19 is not set" in preflight_report(config)
+    monkeypatch.setenv("ROOT19", str(tmp_path / "elsewhere"))
+    assert "no shard matches" in preflight_report(config)
+    monkeypatch.setenv("ROOT19", str(tmp_path))
+    assert preflight_report(config) is None  # found shards; "tiny" is a name, not a path
+    config["model"]["init_args"]["from_transformers"] = str(tmp_path / "missing")
+    assert f"model.from_transformers: {tmp_path / 'missing'} does not exist" in preflight_report(config)
