@@ -64,6 +64,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def real_token_mask(batch: dict[str, Tensor]) -> Tensor:
+    """Where a batch's ``input_ids`` hold real tokens, not padding: its ``attention_mask``, or the
+    non-zero ``document_ids`` of a padding-free batch."""
+    return batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] > 0
+
+
 class Telemetry(Callback):
     """Log throughput, batch composition, MFU and data skips every ``log_every_n_steps`` optimizer steps.
 
@@ -113,7 +119,7 @@ class Telemetry(Callback):
     def _batch_counts(pl_module: LightningModule, batch: dict[str, Tensor]) -> Tensor:
         """``COUNTS`` of one batch as a float64 tensor on the batch's device (no host sync per step)."""
         input_ids = batch["input_ids"]
-        real = batch["attention_mask"] if "attention_mask" in batch else batch["document_ids"] > 0
+        real = real_token_mask(batch)
         zero = input_ids.new_zeros(())
         tiles_per_image = batch.get("tiles_per_image")
         pixel_mask = batch.get("pixel_attention_mask")

@@ -18,11 +18,15 @@ are reported by jsonargparse with the key's name and a non-zero exit.
 ``python -m lightning`` reaches this file through ``_idefics_lightning_hook`` (installed by
 ``pip install .`` or ``pip install -e .``; see ``setup.py``), which loads it under the name
 ``lightning.__main__``. So: absolute imports only, and no classes defined here (they would live in
-``__main__`` and not pickle). Lightning is imported inside ``main()`` only, so importing
-``vlm.cli`` stays as light as the rest of ``vlm``.
+``__main__`` and not pickle): the CLI class is ``vlm.lightning_cli.VLMCLI``, LightningCLI plus a
+check that this machine has what the config needs (``vlm.preflight``: a full recipe on a CPU machine
+stops at once, naming what is missing and its CPU twin) and the progress display fit for stdout (a
+step bar on a terminal, plain lines in a log file: ``callbacks.progress``). Lightning is imported
+inside ``main()`` only, so importing ``vlm.cli`` stays as light as the rest of ``vlm``.
 """
 
 import sys
+from typing import Any
 
 #: Default for ``--seed_everything``: a fixed seed (saved in config.yaml) so runs are reproducible;
 #: ``--seed_everything true`` picks a random one, ``false`` disables seeding.
@@ -38,11 +42,11 @@ def _prog() -> str:
     return f"python -m {name}" if name else "python -m vlm"
 
 
-def main(args=None):
-    """Run LightningCLI. ``args``: a list of strings or a dict (default: ``sys.argv[1:]``)."""
-    from lightning.pytorch.cli import LightningCLI
+def main(args: list[str] | dict | None = None) -> Any:
+    """Run ``VLMCLI`` (LightningCLI). ``args``: a list of strings or a dict (default: ``sys.argv[1:]``)."""
+    from vlm.lightning_cli import VLMCLI
 
-    return LightningCLI(
+    return VLMCLI(
         save_config_kwargs={"overwrite": True},
         seed_everything_default=SEED_EVERYTHING_DEFAULT,
         parser_kwargs={"prog": _prog()},
