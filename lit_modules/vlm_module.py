@@ -131,7 +131,9 @@ class VLMModule(LightningModule):
         save_frozen_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Not predict_generation: `lightning predict --ckpt_path` replaces the model's arguments by the
+        # checkpoint's hyper-parameters, and the decoding is chosen when predicting, not when training.
+        self.save_hyperparameters(ignore=["predict_generation"])
         self.config = get_preset(model) if isinstance(model, str) else copy.deepcopy(model)
         if fusion is not None:
             self.config.fusion = fusion
