@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlm.export import load_checkpoint
 from vlm.generation import GenerationSettings, generate_answers
 from vlm.hf import from_transformers
 from vlm.model import CONFIG_FILE, VisionLanguageModel
@@ -124,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.config and not args.ckpt_path:
         parser.error("--config goes with --ckpt_path (an exported --model_dir holds its settings).")
     if args.ckpt_path:
-        from vlm.export import load_checkpoint  # Lightning and the training code: only for checkpoints
-
         module, processor = load_checkpoint(args.ckpt_path, args.config)
         model = module.model
     else:

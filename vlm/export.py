@@ -15,7 +15,9 @@ then:
 
 The processor comes from the data settings stored in the checkpoint (``VLMDataModule``'s
 hyper-parameters); ``--config`` (the training YAML, or the ``config.yaml`` LightningCLI saved beside
-the logs) gives them, and the model's, for a checkpoint without them.
+the logs) gives them, and the model's, for a checkpoint without them. As ``vlm/cli.py``, this
+module imports Lightning and the training code (``lit_modules``, ``datamodules``) only when it reads a
+checkpoint, so ``vlm`` stays importable without them.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
 from transformers import GenerationConfig
 
-from datamodules import VLMDataModule
-from lit_modules import VLMModule
 from vlm.generation import stop_token_ids
 from vlm.hf import TRAINING_ONLY_IMAGE_SETTINGS, processor_to_transformers, to_transformers
 from vlm.processing import VLMProcessor
+
+if TYPE_CHECKING:
+    from lit_modules import VLMModule
 
 #: How LightningCLI records the class of a module in its hyper-parameters (rebuilt with jsonargparse).
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -58,6 +61,9 @@ def load_checkpoint(
     """The ``VLMModule`` of a checkpoint (eval mode, on the CPU, adapters not merged) and the processor
     of the data it was trained on. ``config``: a LightningCLI YAML whose ``model`` / ``data`` settings
     replace those the checkpoint stores (needed when it stores no data settings)."""
+    from datamodules import VLMDataModule
+    from lit_modules import VLMModule
+
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {ckpt_path}")
