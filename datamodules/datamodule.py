@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.encoding import Mode, SampleEncoder
@@ -312,16 +313,19 @@ class VLMDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training
-        shards (once per node: the other ranks read the cached indexes)."""
-        self._write_synthetic()
-        self._index_shards()
+        shards (once per node: the other ranks read the cached indexes). Training shards only for a
+        fit (or without a trainer): ``validate`` / ``predict`` do not read them."""
+        training = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        self._write_synthetic(training)
+        if training:
+            self._index_shards()
 
-    def _write_synthetic(self) -> None:
+    def _write_synthetic(self, training: bool) -> None:
         if self.data_root is None:
             return
         root = Path(self.data_root)
         for folder, counts, seed in (
-            (root, self.synthetic, self.seed),
+            (root, self.synthetic if training else {}, self.seed),
             (root / "val", self.val_synthetic, self.seed + VAL_SEED_OFFSET),
         ):
             for source, n_samples in counts.items():

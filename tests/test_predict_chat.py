@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_demo import DEMO, demo_args
 
+from datamodules import VLMDataModule
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
 from lit_modules import VLMModule
@@ -131,3 +132,25 @@ def test_chat_keeps_the_conversation_and_reads_an_exported_folder(demo_run, tmp_
     assert conversation.messages[1]["content"][0]["text"] == first
     module = VLMModule.load_from_checkpoint(ckpt, weights_only=True)
     assert first == Chat(module.model, processor).ask(QUESTION, [image])
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"line 2: not JSON"),
+        ('{"id": 3, "images": []}', r'line 2: expected \{"id"'),
+        ('{"id": 3, "images": "a.png", "question": "Q?"}', r"line 2: images must be a list"),
+        ('{"id": 3, "images": ["missing.png"], "question": "Q?"}', r"line 2: .*missing\.png"),
+    ],
+)
+def test_a_bad_question_line_is_an_error_naming_it(tmp_path, line, message):
+    good = json.dumps({"id": "a", "question": "Text only?"})
+    path = tmp_path / "questions.jsonl"
+    path.write_text(f"{good}\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        list(iter_samples("questions", str(path)))
+
+
+def test_prediction_without_questions_says_what_to_set():
+    with pytest.raises(ValueError, match="predict_sources"):
+        VLMDataModule([]).predict_dataloader()
