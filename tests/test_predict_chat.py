@@ -64,7 +64,7 @@ def chat(*args: str, stdin: str | None = None) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "vlm.chat", "--max_new_tokens", "4", *args],
-        input=stdin,
+        input=stdin or "",
         capture_output=True,
         text=True,
         env=env,

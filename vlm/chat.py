@@ -2,11 +2,12 @@
 
 The model is a training checkpoint (``--ckpt_path``, with ``--config`` as ``vlm.export``) or an exported
 folder (``--model_dir``: transformers Idefics2/Idefics3 or this project's ``save_pretrained`` format).
-Questions come from the command line; without one, from standard input, one per line (a prompt is
-shown on a terminal) until end of input. The conversation is kept across turns: each question is
-asked after the earlier questions and answers. ``--image`` paths go with the first question; in the
-input, a line ``/image <path>`` adds an image to the next question. Answers are decoded as in
-prediction (``vlm.generation.generate_answers``): greedy unless ``--do_sample``.
+Questions come from the command line, then from standard input, one per line, until end of input
+(on a terminal, with a prompt; from a pipe or file, only when no question was given). The
+conversation is kept across turns: each question is asked after the earlier questions and answers.
+``--image`` paths go with the first question; in the input, a line ``/image <path>`` adds an image
+to the next question. Answers are decoded as in prediction (``vlm.generation.generate_answers``):
+greedy unless ``--do_sample``.
 """
 
 from __future__ import annotations
@@ -82,14 +83,15 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[VisionLanguageModel, V
 
 
 def _questions(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
-    """(question, image paths) pairs: the command line's, else standard input's lines."""
+    """(question, image paths) pairs: the command line's, then standard input's lines (after command
+    line questions only from a terminal, so that a script asking one question does not wait)."""
     images = list(args.image)
-    if args.question:
-        for question in args.question:
-            yield question, images
-            images = []
-        return
+    for question in args.question:
+        yield question, images
+        images = []
     interactive = sys.stdin.isatty()
+    if args.question and not interactive:
+        return
     while True:
         if interactive:
             print("> ", end="", flush=True)
