@@ -19,6 +19,7 @@ from datamodules.synthetic import write_shards
 from lit_modules import TrainingPolicy, VLMModule
 from vlm.config import get_preset
 from vlm.export import export, load_checkpoint, main
+from vlm.generation import stop_token_ids
 from vlm.model import VisionLanguageModel
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
 from vlm.processing.text import turns_to_messages
@@ -95,7 +96,8 @@ def our_tokens(module: VLMModule, processor: VLMProcessor, max_new_tokens: int =
         messages, [[image()]], add_generation_prompt=True, padding_side="left"
     )
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    sequences = module.model.generate(**inputs, max_new_tokens=max_new_tokens)
+    stops = stop_token_ids(processor.tokenizer)  # as the exported generation config
+    sequences = module.model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops)
     return sequences[0, inputs["input_ids"].shape[1] :]
 
 
