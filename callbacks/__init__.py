@@ -1,7 +1,8 @@
 """Lightning callbacks for the training recipes: NEFTune, resolution ramp-up, stage transitions, telemetry,
-progress (a step bar on a terminal, plain lines in a log file)."""
+progress (a step bar on a terminal, plain lines in a log file), predictions (``predictions.jsonl``)."""
 
 from callbacks.neftune import NEFTune
+from callbacks.predictions import PredictionWriter
 from callbacks.progress import PlainProgress, StepProgressBar
 from callbacks.resolution import ResolutionRampUp
 from callbacks.stages import Stage, StageTransition
@@ -10,6 +11,7 @@ from callbacks.telemetry import Telemetry
 __all__ = [
     "NEFTune",
     "PlainProgress",
+    "PredictionWriter",
     "ResolutionRampUp",
     "Stage",
     "StageTransition",

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.encoding import Mode, SampleEncoder
@@ -111,7 +112,7 @@ class PackedSequence(IterableDataset):
 @dataclasses.dataclass(frozen=True)
 class Question:
     """One held-out question: the sample's images, the question (``<image>`` placeholders included)
-    and its reference answer."""
+    and its reference answer (``""``: none)."""
 
     key: str
     images: list
@@ -126,6 +127,7 @@ def questions_of(sample: Sample, max_questions: int | None = None) -> list[Quest
     The prompt is the images and that one question only (no earlier turns: an earlier question such
     as "How many circles...?" would give away the answer to "What shape is drawn?"). The images go
     before the question unless the question places them with ``<image>`` (as ``SampleEncoder``).
+    A question's key is the sample's, with ``#<turn index>`` when the sample has several turns.
     """
     images = sample.images
     placed = any(IMAGE_TOKEN in user for user, _ in sample.turns)
@@ -136,7 +138,8 @@ def questions_of(sample: Sample, max_questions: int | None = None) -> list[Quest
         elif placed and user.count(IMAGE_TOKEN) != len(images):
             continue  # images placed in another turn: this question alone does not show them
         resolution = sample.meta.get("max_image_resolution")
-        out.append(Question(f"{sample.key}#{index}", images, user, answer, resolution))
+        key = sample.key if len(sample.turns) == 1 else f"{sample.key}#{index}"
+        out.append(Question(key, images, user, answer, resolution))
     return out
 
 
@@ -159,10 +162,11 @@ class GenerationValDataset(Dataset):
 
 
 def collate_questions(questions: list[Question], processor: VLMProcessor) -> dict[str, Any]:
-    """A generation batch: ``answers`` and the left-padded chat prompts up to ``Assistant:`` as
-    ``prompt_input_ids``, ``prompt_attention_mask`` and, with images, ``prompt_pixel_values``,
-    ``prompt_pixel_attention_mask``, ``prompt_tiles_per_sample``, ``prompt_tiles_per_image``
-    (what ``VLMModule.validation_step`` reads)."""
+    """A generation batch: ``answers``, the questions' ``keys`` and texts (``questions``) and the
+    left-padded chat prompts up to ``Assistant:`` as ``prompt_input_ids``, ``prompt_attention_mask``
+    and, with images, ``prompt_pixel_values``, ``prompt_pixel_attention_mask``,
+    ``prompt_tiles_per_sample``, ``prompt_tiles_per_image`` (what ``VLMModule.validation_step`` and
+    ``VLMModule.predict_step`` read)."""
     limits = {q.max_image_resolution for q in questions} - {None}
     if limits and min(limits) < processor.image_processor.longest_edge:
         image_processor = dataclasses.replace(processor.image_processor, longest_edge=min(limits))
@@ -175,7 +179,11 @@ def collate_questions(questions: list[Question], processor: VLMProcessor) -> dic
     out = processor.encode_conversations(
         conversations, images, add_generation_prompt=True, padding_side="left"
     )
-    batch: dict[str, Any] = {"answers": [q.answer for q in questions]}
+    batch: dict[str, Any] = {
+        "answers": [q.answer for q in questions],
+        "keys": [q.key for q in questions],
+        "questions": [q.question for q in questions],
+    }
     batch.update(prompt_inputs(out))
     return batch
 
@@ -206,6 +214,11 @@ class VLMDataModule(LightningDataModule):
     - ``val_generate``: validation batches are generation prompts with ``answers`` (``val/acc``,
       exact match) built from the conversations of ``val_sources``, one per question (at most
       ``val_max_questions_per_sample`` per sample), instead of packed rows (``val/loss``).
+    - ``predict_sources`` (default: ``val_sources``): the questions ``python -m lightning predict``
+      answers, one per question of each conversation as ``val_generate`` (``questions_of``), in
+      batches of ``val_batch_size``; any source, e.g. ``{source: questions, urls: q.jsonl}`` for a
+      JSON-lines file of ``{id, images, question, answer?}`` (``datamodules.sources.questions``).
+      ``weight`` and ``max_seq_len`` may be left out of these.
     - ``synthetic`` / ``val_synthetic``: ``{source: n_samples}`` miniature shards written by
       ``prepare_data`` under ``data_root/<source>`` / ``data_root/val/<source>`` when that folder
       is absent or empty; the validation shards use another seed (``seed + VAL_SEED_OFFSET``).
@@ -239,12 +252,16 @@ class VLMDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         val_generate: bool = False,
         val_max_questions_per_sample: int | None = None,
+        predict_sources: list[dict[str, Any]] | None = None,
         data_root: str | None = None,
         synthetic: dict[str, int] | None = None,
         val_synthetic: dict[str, int] | None = None,
         synthetic_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        # In checkpoints, so that a model can be exported or served with the processor it was trained
+        # with (vlm.export); not logged (the model's hyper-parameters are).
+        self.save_hyperparameters(logger=False)
         if (synthetic or val_synthetic) and data_root is None:
             raise ValueError("synthetic / val_synthetic need data_root (where the shards are written).")
         self.data_root = None if data_root is None else os.path.expandvars(data_root)
@@ -258,6 +275,10 @@ class VLMDataModule(LightningDataModule):
             [expand_env(s) for s in sources], seed, shuffle_block, max_bad_record_rate, self.io
         )
         self.val_sources = [SourceConfig(**expand_env(s)) for s in val_sources or []]
+        self.predict_sources = [
+            SourceConfig(**{"weight": 1.0, "max_seq_len": max_seq_len, **expand_env(s)})
+            for s in predict_sources or []
+        ]
         self.tokenizer_name, self.recipe, self.image_seq_len, self.fusion = (
             tokenizer,
             recipe,
@@ -296,16 +317,19 @@ class VLMDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training
-        shards (once per node: the other ranks read the cached indexes)."""
-        self._write_synthetic()
-        self._index_shards()
+        shards (once per node: the other ranks read the cached indexes). Training shards only for a
+        fit (or without a trainer): ``validate`` / ``predict`` do not read them."""
+        training = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        self._write_synthetic(training)
+        if training:
+            self._index_shards()
 
-    def _write_synthetic(self) -> None:
+    def _write_synthetic(self, training: bool) -> None:
         if self.data_root is None:
             return
         root = Path(self.data_root)
         for folder, counts, seed in (
-            (root, self.synthetic, self.seed),
+            (root, self.synthetic if training else {}, self.seed),
             (root / "val", self.val_synthetic, self.seed + VAL_SEED_OFFSET),
         ):
             for source, n_samples in counts.items():
@@ -373,17 +397,30 @@ class VLMDataModule(LightningDataModule):
             return []
         samples = SequentialStream(self.val_sources)
         if self.val_generate:
-            return DataLoader(
-                GenerationValDataset(samples, self.val_max_questions_per_sample),
-                batch_size=self.val_batch_size,
-                collate_fn=partial(collate_questions, processor=self.processor),
-                num_workers=0,  # the questions are read once, in the main process
-            )
+            return self._questions_loader(samples)
         return DataLoader(
             PackedSequence(samples, self._packer(training=False), self.pack_window),
             batch_size=self.val_batch_size,
             collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
             num_workers=self.num_workers,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        """The questions of ``predict_sources`` (or else ``val_sources``) as generation batches."""
+        sources = self.predict_sources or self.val_sources
+        if not sources:
+            raise ValueError(
+                "Nothing to predict: set data.predict_sources (e.g. [{source: questions, urls: "
+                "questions.jsonl}]) or data.val_sources."
+            )
+        return self._questions_loader(SequentialStream(sources))
+
+    def _questions_loader(self, samples: SequentialStream) -> DataLoader:
+        return DataLoader(
+            GenerationValDataset(samples, self.val_max_questions_per_sample),
+            batch_size=self.val_batch_size,
+            collate_fn=partial(collate_questions, processor=self.processor),
+            num_workers=0,  # the questions are read once, in the main process
         )
 
     def _packer(self, training: bool) -> RowPacker:

@@ -16,7 +16,8 @@ import os
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 from torch.optim import AdamW
@@ -25,11 +26,11 @@ from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForImageTextToText
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from callbacks.predictions import PredictionWriter
 from lit_modules.optim import LRSchedule, Schedule, param_groups
 from lit_modules.policy import TrainingPolicy, apply_policy, merge_adapters, new_token_rows
 from lit_modules.sharding import checkpoint_blocks, compile_decoder_blocks, shard, train_rows_sharded
 from vlm.config import (
-    END_OF_UTTERANCE_TOKEN,
     ConnectorConfig,
     CrossAttentionConfig,
     LanguageConfig,
@@ -37,7 +38,7 @@ from vlm.config import (
     VLMConfig,
     get_preset,
 )
-from vlm.generation import generate
+from vlm.generation import GenerationSettings, generate, generate_answers
 from vlm.hf import from_transformers as convert_from_transformers
 from vlm.language_model import load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
@@ -59,6 +60,7 @@ torch.serialization.add_safe_globals(
         ConnectorConfig,
         LanguageConfig,
         CrossAttentionConfig,
+        GenerationSettings,
     ]
 )
 
@@ -88,7 +90,9 @@ class VLMModule(LightningModule):
     the policy (``set_policy``) and the schedule (``set_lr_schedule``). A step whose loss is
     not finite is skipped (counted in ``train/nonfinite_steps``); ``max_nonfinite_steps``
     consecutive ones stop the run. Validation: ``val/loss`` on batches with ``labels``,
-    ``val/acc`` on batches with ``answers`` (see ``validation_step``).
+    ``val/acc`` on batches with ``answers`` (see ``validation_step``). Prediction (``predict_step``,
+    ``python -m lightning predict``): answers decoded with ``predict_generation``
+    (``vlm.generation.GenerationSettings``: greedy by default).
     Scale: ``activation_checkpointing`` recomputes each block's activations in backward (any
     strategy); ``compile_blocks`` compiles each decoder layer with ``torch.compile`` (regional: one
     compile serves every layer; ``lit_modules.sharding.compile_decoder_blocks``); bf16 comes from the
@@ -120,18 +124,22 @@ class VLMModule(LightningModule):
         max_steps: int | None = None,
         max_nonfinite_steps: int = 10,
         val_max_new_tokens: int = 8,
+        predict_generation: GenerationSettings | None = None,
         activation_checkpointing: bool = False,
         compile_blocks: bool = False,
         fsdp_mixed_precision: bool = False,
         save_frozen_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Not predict_generation: `lightning predict --ckpt_path` replaces the model's arguments by the
+        # checkpoint's hyper-parameters, and the decoding is chosen when predicting, not when training.
+        self.save_hyperparameters(ignore=["predict_generation"])
         self.config = get_preset(model) if isinstance(model, str) else copy.deepcopy(model)
         if fusion is not None:
             self.config.fusion = fusion
         self.policy = copy.deepcopy(policy) if policy is not None else TrainingPolicy()
         self.lr_schedule = LRSchedule(lr, schedule, warmup_steps, min_lr, end_step=max_steps)
+        self.predict_generation = copy.deepcopy(predict_generation) or GenerationSettings()
         self.model: VisionLanguageModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._row_hooks: list[RemovableHandle] = []
@@ -327,23 +335,43 @@ class VLMModule(LightningModule):
             acc = torch.tensor(sum(hits) / len(hits), device=self.device)
             self.log("val/acc", acc, prog_bar=True, batch_size=len(hits), sync_dist=True)
 
-    def generate_answers(self, batch: dict[str, Any]) -> list[str]:
-        """Greedy answers (decoded, special tokens dropped) to the batch's ``prompt_*`` tensors."""
+    def generate_answers(
+        self, batch: dict[str, Any], settings: GenerationSettings | None = None
+    ) -> list[str]:
+        """Answers (decoded, special tokens dropped) to the batch's ``prompt_*`` tensors, decoded with
+        ``settings`` (default: greedy, ``val_max_new_tokens``)."""
         inputs = {
             key[len(PROMPT_PREFIX) :]: value
             for key, value in batch.items()
             if key.startswith(PROMPT_PREFIX) and key[len(PROMPT_PREFIX) :] in GENERATE_KEYS
         }
-        tokenizer = self.tokenizer
-        stop_ids = [tokenizer.eos_token_id, self.model.special_token_ids.get(END_OF_UTTERANCE_TOKEN)]
-        sequences = self.model.generate(
-            **inputs,
-            max_new_tokens=self.hparams.val_max_new_tokens,
-            eos_token_id=[i for i in stop_ids if i is not None],
-            pad_token_id=tokenizer.pad_token_id or 0,
-        )
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if settings is None:
+            settings = GenerationSettings(max_new_tokens=self.hparams.val_max_new_tokens)
+        return generate_answers(self.model, self.tokenizer, inputs, settings)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """One record per question of a prediction batch (``datamodules.datamodule.collate_questions``):
+        ``id``, ``prompt`` (the question), ``answer`` (decoded with ``predict_generation``) and, when the
+        source has one, the ``reference`` answer."""
+        if self.tokenizer is None:
+            raise ValueError("Prediction decodes answers with the tokenizer: set model.tokenizer.")
+        answers = self.generate_answers(batch, self.predict_generation)
+        records = []
+        rows = zip(batch["keys"], batch["questions"], answers, batch["answers"])
+        for key, question, answer, reference in rows:
+            record = {"id": key, "prompt": question, "answer": answer}
+            if reference:
+                record["reference"] = reference
+            records.append(record)
+        return records
+
+    def configure_callbacks(self) -> list[Callback]:
+        """When predicting, a ``PredictionWriter`` (``predictions.jsonl`` in the trainer's
+        ``default_root_dir``) unless the trainer has one already (configured with its own ``output``)."""
+        predicting = self.trainer.state.fn == TrainerFn.PREDICTING
+        if predicting and not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
+            return [PredictionWriter()]
+        return []
 
     # --- optimisation ---------------------------------------------------------------------
 

@@ -156,6 +156,17 @@ class VLMConfig:
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     image_token_id: int | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        """The config ``dataclasses.asdict`` turned into ``data`` (e.g. read back from JSON)."""
+        parts = {
+            "vision": VisionConfig,
+            "connector": ConnectorConfig,
+            "language": LanguageConfig,
+            "cross_attention": CrossAttentionConfig,
+        }
+        return cls(**{key: parts[key](**value) if key in parts else value for key, value in data.items()})
+
 
 # --- real-scale backbones -------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Decoding for ``VisionLanguageModel.generate``: the loop, its two back-ends and its helpers.
+"""Decoding for ``VisionLanguageModel.generate``: the loop, its two back-ends and its helpers; and
+``generate_answers``, the one path from prompt tensors to answer texts (validation, prediction, chat).
 
 The images are encoded once, the prompt is prefilled once, then each step picks the next tokens
 (``select_next_token``) until eos or a stop string (``StopStrings``). Back-ends: ``vlm.decoder``'s
@@ -9,7 +10,8 @@ modules with a ``DynamicCache``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +24,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from vlm.config import END_OF_UTTERANCE_TOKEN
 from vlm.cross_attention import CrossAttentionMedia, text_image_index
 from vlm.decoder import CachedDecoder, unsupported_reason
 
@@ -211,3 +214,53 @@ def _transformers_decoding(
         return run(step_ids, model.language_model.get_input_embeddings()(step_ids))
 
     return run(input_ids, inputs_embeds), advance
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are decoded: greedy, or sampled with ``do_sample`` (``temperature``, ``top_k``,
+    ``top_p``); at most ``max_new_tokens``, stopping at eos, ``<end_of_utterance>`` or any of
+    ``stop_strings`` (cut from the answer)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_strings: list[str] = field(default_factory=list)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end an answer: eos and ``<end_of_utterance>`` (the end of an assistant turn)."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id, vocab.get(END_OF_UTTERANCE_TOKEN)]
+    return [i for i in ids if i is not None]
+
+
+def generate_answers(
+    model: VisionLanguageModel,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: dict[str, Any],
+    settings: GenerationSettings,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Answer texts (special tokens dropped, cut at the first stop string) to left-padded prompts:
+    ``inputs`` holds ``VisionLanguageModel.generate``'s tensors (``input_ids``, ``attention_mask``,
+    ``pixel_values``...)."""
+    sequences = model.generate(
+        **inputs,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id or 0,
+        stop_strings=settings.stop_strings,
+        tokenizer=tokenizer,
+        generator=generator,
+    )
+    texts = tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    for stop in settings.stop_strings:
+        texts = [text.split(stop, 1)[0] for text in texts]
+    return texts

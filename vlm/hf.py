@@ -4,22 +4,32 @@
 ``Idefics2ForConditionalGeneration`` / ``Idefics3ForConditionalGeneration`` (Idefics2, Idefics3,
 SmolVLM weights) into a ``VisionLanguageModel``; ``to_transformers`` does the reverse. Only the
 module prefixes differ, so the mapping is a prefix swap in both directions.
+``processor_to_transformers`` gives the ``Idefics2Processor`` / ``Idefics3Processor`` of a
+``VLMProcessor`` (``VLMProcessor.from_transformers`` is the reverse).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import (
     Idefics2Config,
     Idefics2ForConditionalGeneration,
+    Idefics2Processor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
+    Idefics3Processor,
 )
 from transformers.initialization import no_init_weights
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-from vlm.config import ConnectorConfig, LanguageConfig, VisionConfig, VLMConfig
-from vlm.language_model import text_dims
+from vlm.config import ConnectorConfig, VisionConfig, VLMConfig
+from vlm.language_model import language_config_of, text_dims
 from vlm.model import VisionLanguageModel
+from vlm.processing import ImageProcessor, VLMProcessor
+from vlm.processing.text import IDEFICS_CHAT_TEMPLATE
 from vlm.vision import siglip_config_kwargs
 
 HFIdefics = Idefics2ForConditionalGeneration | Idefics3ForConditionalGeneration
@@ -66,12 +76,6 @@ def _vision_config(hf_vision, patch_mask_rule: str) -> VisionConfig:
     )
 
 
-def _language_config(hf_text) -> LanguageConfig:
-    config = hf_text.to_dict()
-    model_type = config.pop("model_type")
-    return LanguageConfig(model_type=model_type, config=config, special_tokens=[])
-
-
 def config_from_transformers(hf_config: Idefics2Config | Idefics3Config) -> VLMConfig:
     """Translate a transformers Idefics2Config / Idefics3Config into a VLMConfig."""
     text = hf_config.text_config
@@ -99,7 +103,7 @@ def config_from_transformers(hf_config: Idefics2Config | Idefics3Config) -> VLMC
     return VLMConfig(
         vision=vision,
         connector=connector,
-        language=_language_config(text),
+        language=language_config_of(text),
         fusion="autoregressive",
         image_token_id=hf_config.image_token_id,
     )
@@ -191,3 +195,53 @@ def to_transformers(model: VisionLanguageModel) -> HFIdefics:
     hf_model.load_state_dict(state_dict_to_transformers(model.state_dict()), strict=True)
     param = next(model.parameters())
     return hf_model.to(dtype=param.dtype, device=param.device)
+
+
+#: ``ImageProcessor`` settings transformers' image processors lack, with their neutral values: an
+#: exported processor cannot apply them (the training-time ones are off at inference anyway).
+TRAINING_ONLY_IMAGE_SETTINGS = {
+    "upscale_small_images": True,
+    "max_tiles_per_sample": None,
+    "split_fraction": None,
+    "random_upscale": None,
+}
+
+
+def image_processor_to_transformers(
+    image_processor: ImageProcessor,
+) -> Idefics2ImageProcessorPil | Idefics3ImageProcessorPil:
+    """The transformers (PIL) image processor of the same recipe and settings (see
+    ``TRAINING_ONLY_IMAGE_SETTINGS`` for those it cannot hold)."""
+    ip = image_processor
+    common = dict(
+        do_convert_rgb=ip.do_convert_rgb,
+        do_resize=True,
+        resample=ip.resample,
+        do_rescale=True,
+        rescale_factor=ip.rescale_factor,
+        do_normalize=True,
+        image_mean=list(ip.image_mean),
+        image_std=list(ip.image_std),
+        do_pad=True,
+        do_image_splitting=ip.do_image_splitting,
+    )
+    if ip.recipe == "idefics2":
+        size = {"shortest_edge": ip.shortest_edge, "longest_edge": ip.longest_edge}
+        return Idefics2ImageProcessorPil(size=size, **common)
+    return Idefics3ImageProcessorPil(
+        size={"longest_edge": ip.longest_edge}, max_image_size={"longest_edge": ip.tile_size}, **common
+    )
+
+
+def processor_to_transformers(processor: VLMProcessor) -> Idefics2Processor | Idefics3Processor:
+    """The transformers ``Idefics2Processor`` / ``Idefics3Processor`` of ``processor``'s recipe: a copy of
+    its tokenizer (special tokens included), its image settings, image sequence length and the Idefics
+    chat template (as released with the models). Autoregressive fusion only: transformers expands every
+    ``<image>``, where cross-attention keeps one marker per image."""
+    cls = Idefics2Processor if processor.recipe == "idefics2" else Idefics3Processor
+    return cls(
+        image_processor_to_transformers(processor.image_processor),
+        copy.deepcopy(processor.tokenizer),
+        image_seq_len=processor.image_seq_len,
+        chat_template=IDEFICS_CHAT_TEMPLATE,
+    )

@@ -33,6 +33,14 @@ def text_dims(config: PretrainedConfig) -> TextDims:
     return TextDims(hidden, intermediate, config.num_hidden_layers)
 
 
+def language_config_of(config: PretrainedConfig) -> LanguageConfig:
+    """A ``LanguageConfig`` that builds a model of ``config``'s architecture and sizes (random weights,
+    no special tokens added: ``config``'s vocabulary already holds them)."""
+    values = config.to_dict()
+    model_type = values.pop("model_type")
+    return LanguageConfig(model_type=model_type, config=values, special_tokens=[])
+
+
 def resolve_path(path: str | Path) -> str:
     """``path`` with ``~`` and ``${VAR}`` expanded (YAML configs cannot expand them); hub names unchanged."""
     return os.path.expanduser(os.path.expandvars(str(path)))

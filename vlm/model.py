@@ -9,14 +9,20 @@ KV cache, encoding the images once (the loop and its back-ends are in ``vlm.gene
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.initialization import no_init_weights
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm import generation
@@ -30,13 +36,15 @@ from vlm.cross_attention import (
     media_by_sample,
     text_image_index,
 )
-from vlm.language_model import build_language_model, text_dims
+from vlm.language_model import build_language_model, language_config_of, text_dims
 from vlm.loss import linear_cross_entropy
 from vlm.packed import document_attention_mask, first_image_of_document, padding_free_kwargs
 from vlm.vision import build_vision_tower, patch_attention_mask_from_pixels, size_groups
 
 #: transformers causal LMs whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping, scaling).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
+#: Files of ``VisionLanguageModel.save_pretrained``.
+CONFIG_FILE, WEIGHTS_FILE = "vlm_config.json", "model.safetensors"
 
 
 @dataclass
@@ -398,3 +406,41 @@ class VisionLanguageModel(nn.Module):
         """Decode after left-padded prompts; returns prompts + new tokens (``vlm.generation.generate``:
         greedy or sampled, eos and stop strings, images encoded once, KV cache)."""
         return generation.generate(self, input_ids, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the weights (``model.safetensors``) and a config that rebuilds this very model
+        (``vlm_config.json``: the language model's actual vocabulary, no ``pretrained`` paths) to
+        ``folder``, for ``from_pretrained``. This project's format, for the models transformers has no
+        class for (cross-attention fusion, timm / open_clip towers); see ``vlm.hf.to_transformers``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        language = dataclasses.replace(
+            language_config_of(self.language_model.config),
+            attn_implementation=self.config.language.attn_implementation,
+        )
+        config = dataclasses.replace(
+            self.config,
+            vision=dataclasses.replace(self.config.vision, pretrained=None),
+            language=language,
+            image_token_id=self.image_token_id,
+        )
+        saved = {"config": dataclasses.asdict(config), "special_token_ids": self.special_token_ids}
+        (folder / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
+        safetensors.torch.save_model(self, str(folder / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> VisionLanguageModel:
+        """The model ``save_pretrained`` wrote to ``folder``, in eval mode."""
+        config_path = Path(folder) / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} does not exist: VisionLanguageModel.from_pretrained reads a folder written "
+                "by save_pretrained (a transformers folder, with config.json, loads with "
+                "AutoModelForImageTextToText.from_pretrained)."
+            )
+        saved = json.loads(config_path.read_text())
+        with no_init_weights():
+            model = cls(VLMConfig.from_dict(saved["config"]))
+        model.special_token_ids = saved["special_token_ids"]
+        safetensors.torch.load_model(model, str(Path(folder) / WEIGHTS_FILE))
+        return model.eval()

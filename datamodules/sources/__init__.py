@@ -81,7 +81,14 @@ def iter_samples(source: str, urls: str | Sequence[str], **options) -> SampleStr
 
 
 # Importing the reader modules registers them in READERS.
-from datamodules.sources import conversations, laion_coco, obelics, pdf_documents, rendered_text  # noqa: E402, F401
+from datamodules.sources import (  # noqa: E402, F401
+    conversations,
+    laion_coco,
+    obelics,
+    pdf_documents,
+    questions,
+    rendered_text,
+)
 
 __all__ = [
     "READERS",

@@ -1,0 +1,142 @@
+"""Export a training checkpoint as a model folder: ``python -m vlm.export --ckpt_path run.ckpt --out dir/``.
+
+The checkpoint is restored as training would resume it (``VLMModule.load_from_checkpoint``: frozen
+weights the checkpoint left out are read again from their paths), its LoRA/DoRA adapters are merged,
+then:
+
+- an autoregressive Idefics2/Idefics3-architecture model becomes a transformers folder
+  (``vlm.hf.to_transformers``): ``model.safetensors``, ``config.json``, ``generation_config.json``
+  (stops at eos and ``<end_of_utterance>``) and the ``Idefics2Processor`` / ``Idefics3Processor`` of
+  the training data (tokenizer with its special tokens, chat template, image settings), loadable with
+  ``AutoModelForImageTextToText.from_pretrained(dir)`` and ``AutoProcessor.from_pretrained(dir)``;
+- any other model (cross-attention fusion, timm / open_clip towers) is saved in this project's format
+  (``VisionLanguageModel.save_pretrained``, reloaded by ``from_pretrained``) with the same processor
+  files, and the command says why transformers has no class for it.
+
+The processor comes from the data settings stored in the checkpoint (``VLMDataModule``'s
+hyper-parameters); ``--config`` (the training YAML, or the ``config.yaml`` LightningCLI saved beside
+the logs) gives them, and the model's, for a checkpoint without them. As ``vlm/cli.py``, this
+module imports Lightning and the training code (``lit_modules``, ``datamodules``) only when it reads a
+checkpoint, so ``vlm`` stays importable without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import yaml
+from transformers import GenerationConfig
+
+from vlm.generation import stop_token_ids
+from vlm.hf import TRAINING_ONLY_IMAGE_SETTINGS, processor_to_transformers, to_transformers
+from vlm.processing import VLMProcessor
+
+if TYPE_CHECKING:
+    from lit_modules import VLMModule
+
+#: How LightningCLI records the class of a module in its hyper-parameters (rebuilt with jsonargparse).
+CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def _config_section(config: str | os.PathLike, key: str) -> dict[str, Any]:
+    """The ``key`` (``model`` / ``data``) init arguments of a LightningCLI YAML, in the form LightningCLI
+    stores hyper-parameters (``_class_path`` and its instantiator)."""
+    section = (yaml.safe_load(Path(config).read_text()) or {}).get(key)
+    if not isinstance(section, dict) or "class_path" not in section:
+        raise ValueError(f"{config} has no {key}: {{class_path: ..., init_args: ...}} section.")
+    return {
+        "_class_path": section["class_path"],
+        "_instantiator": CLI_INSTANTIATOR,
+        **section.get("init_args", {}),
+    }
+
+
+def load_checkpoint(
+    ckpt_path: str | os.PathLike, config: str | os.PathLike | None = None
+) -> tuple[VLMModule, VLMProcessor]:
+    """The ``VLMModule`` of a checkpoint (eval mode, on the CPU, adapters not merged) and the processor
+    of the data it was trained on. ``config``: a LightningCLI YAML whose ``model`` / ``data`` settings
+    replace those the checkpoint stores (needed when it stores no data settings)."""
+    from datamodules import VLMDataModule
+    from lit_modules import VLMModule
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {ckpt_path}")
+    model_args = {} if config is None else _config_section(config, "model")
+    module = VLMModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **model_args)
+    if config is not None:
+        data = _config_section(config, "data")
+        data.pop("_instantiator")
+        data.pop("_class_path")
+        datamodule = VLMDataModule(**data)
+    else:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if VLMDataModule.CHECKPOINT_HYPER_PARAMS_KEY not in checkpoint:
+            raise ValueError(
+                f"{ckpt_path} holds no data settings (it was not trained with VLMDataModule, or before they "
+                "were saved), so the processor is unknown: pass --config with the training YAML."
+            )
+        datamodule = VLMDataModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    if datamodule.fusion is None:  # as VLMDataModule.setup: the model's fusion
+        datamodule.fusion = module.config.fusion
+    return module.eval(), datamodule.processor
+
+
+def export(
+    ckpt_path: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None
+) -> Literal["transformers", "vlm"]:
+    """Write the checkpoint's model, adapters merged, and its processor to ``out``; returns the format
+    written: ``"transformers"`` or this project's ``"vlm"`` (see the module docstring)."""
+    module, processor = load_checkpoint(ckpt_path, config)
+    merged = module.merge_adapters()
+    model = module.model
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lost = {
+        name: getattr(processor.image_processor, name)
+        for name, neutral in TRAINING_ONLY_IMAGE_SETTINGS.items()
+        if getattr(processor.image_processor, name) != neutral
+    }
+    if lost:
+        print(f"Note: transformers' image processors have no {lost}; the exported processor goes without.")
+    processor_to_transformers(processor).save_pretrained(out)
+    try:
+        hf_model = to_transformers(model)
+    except ValueError as reason:
+        model.save_pretrained(out)
+        print(
+            f"No transformers folder: {reason}\nSaved in this project's format instead ({merged} adapted "
+            f"layers merged) to {out}: load it with vlm.model.VisionLanguageModel.from_pretrained."
+        )
+        return "vlm"
+    tokenizer = processor.tokenizer
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    hf_model.save_pretrained(out)
+    print(
+        f"Saved {type(hf_model).__name__} ({merged} adapted layers merged) and its processor to {out}: "
+        "load them with AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained."
+    )
+    return "transformers"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m vlm.export --ckpt_path run.ckpt --out dir/ [--config train.yaml]``."""
+    parser = argparse.ArgumentParser(prog="python -m vlm.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of a VLMModule")
+    parser.add_argument("--out", required=True, help="folder to write (created if absent)")
+    parser.add_argument("--config", help="training YAML, for a checkpoint without its data settings")
+    args = parser.parse_args(argv)
+    export(args.ckpt_path, args.out, args.config)
+
+
+if __name__ == "__main__":
+    main()
