@@ -1,6 +1,6 @@
 """``PredictionWriter``: the answers of ``python -m lightning predict`` as ``predictions.jsonl``.
 
-Each rank appends its batches' records (``VLMModule.predict_step``: ``id``, ``prompt``, ``answer``,
+Each rank appends its batches' records (``VLMModule.predict_step``: ``id``, ``shard``, ``prompt``, ``answer``,
 ``reference`` when known) to its own part file as they come, so nothing waits for the end of the run
 in memory; after the last batch rank 0 concatenates the parts into ``output`` (rank by rank) and
 removes them.

@@ -351,15 +351,17 @@ class VLMModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         """One record per question of a prediction batch (``datamodules.datamodule.collate_questions``):
-        ``id``, ``prompt`` (the question), ``answer`` (decoded with ``predict_generation``) and, when the
-        source has one, the ``reference`` answer."""
+        ``id`` (the record's key in its shard, e.g. a question file's ``id``), ``shard`` (the shard's name
+        relative to the source's root), ``prompt`` (the question), ``answer`` (decoded with
+        ``predict_generation``) and, when the source has one, the ``reference`` answer."""
         if self.tokenizer is None:
             raise ValueError("Prediction decodes answers with the tokenizer: set model.tokenizer.")
         answers = self.generate_answers(batch, self.predict_generation)
         records = []
         rows = zip(batch["keys"], batch["questions"], answers, batch["answers"])
         for key, question, answer, reference in rows:
-            record = {"id": key, "prompt": question, "answer": answer}
+            shard, _, record_id = key.partition("#")  # sample keys are "<shard name>#<record key>"
+            record = {"id": record_id, "shard": shard, "prompt": question, "answer": answer}
             if reference:
                 record["reference"] = reference
             records.append(record)

@@ -80,11 +80,20 @@ def test_predict_writes_one_answer_per_validation_question(demo_run, monkeypatch
     records = predict(tmp_path, ckpt, tmp_path / "val_predictions")
     shards = sorted(str(p) for p in (tmp_path / "data" / "val" / "cauldron" / "clevr").glob("*.parquet"))
     samples = list(iter_samples("cauldron", shards))  # the demo's val_sources
-    questions = {(f"{s.key}#{i}", user, answer) for s in samples for i, (user, answer) in enumerate(s.turns)}
+    questions = {
+        (*s.key.split("#", 1), f"{i}", user, answer)
+        for s in samples
+        for i, (user, answer) in enumerate(s.turns)
+    }
     assert len(records) == len(questions) == 12
-    assert {(r["id"], r["prompt"].removeprefix("<image>"), r["reference"]) for r in records} == questions
+    got = {
+        (r["shard"], *r["id"].rsplit("#", 1), r["prompt"].removeprefix("<image>"), r["reference"])
+        for r in records
+    }
+    assert got == questions
     assert all(
-        set(r) == {"id", "prompt", "answer", "reference"} and isinstance(r["answer"], str) for r in records
+        set(r) == {"id", "shard", "prompt", "answer", "reference"} and isinstance(r["answer"], str)
+        for r in records
     )
 
 

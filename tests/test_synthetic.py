@@ -30,7 +30,9 @@ from datamodules.synthetic_content import (
 
 def test_every_reader_has_a_writer():
     built_in = {name for name, reader in READERS.items() if reader.__module__.startswith("datamodules.")}
-    assert set(WRITERS) == built_in  # (tests register fake readers of their own)
+    # (tests register fake readers of their own; ``questions`` reads the user's own JSONL of questions for
+    # ``lightning predict``, not a dataset format)
+    assert set(WRITERS) == built_in - {"questions"}
 
 
 @pytest.mark.parametrize("source", sorted(WRITERS))

@@ -402,10 +402,10 @@ class VisionLanguageModel(nn.Module):
     # --- generation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
         """Decode after left-padded prompts; returns prompts + new tokens (``vlm.generation.generate``:
         greedy or sampled, eos and stop strings, images encoded once, KV cache)."""
-        return generation.generate(self, input_ids, **kwargs)
+        return generation.generate(self, *args, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the weights (``model.safetensors``) and a config that rebuilds this very model
