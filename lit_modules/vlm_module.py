@@ -38,15 +38,15 @@ from vlm.config import (
     VLMConfig,
     get_preset,
 )
-from vlm.generation import GenerationSettings, generate, generate_answers
+from vlm.generation import GenerationSettings, generate_answers
 from vlm.hf import from_transformers as convert_from_transformers
 from vlm.language_model import load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
 from vlm.processing import load_tiny_tokenizer
+from vlm.processing.processor import GENERATION_INPUTS
 
 Fusion = Literal["autoregressive", "cross_attention"]
 FORWARD_KEYS = frozenset(inspect.signature(VisionLanguageModel.forward).parameters) - {"self"}
-GENERATE_KEYS = frozenset(inspect.signature(generate).parameters) - {"model"}
 PROMPT_PREFIX = "prompt_"
 
 # The hyper-parameters saved in checkpoints hold these dataclasses: let Lightning's weights-only
@@ -340,11 +340,7 @@ class VLMModule(LightningModule):
     ) -> list[str]:
         """Answers (decoded, special tokens dropped) to the batch's ``prompt_*`` tensors, decoded with
         ``settings`` (default: greedy, ``val_max_new_tokens``)."""
-        inputs = {
-            key[len(PROMPT_PREFIX) :]: value
-            for key, value in batch.items()
-            if key.startswith(PROMPT_PREFIX) and key[len(PROMPT_PREFIX) :] in GENERATE_KEYS
-        }
+        inputs = {k: batch[PROMPT_PREFIX + k] for k in GENERATION_INPUTS if PROMPT_PREFIX + k in batch}
         if settings is None:
             settings = GenerationSettings(max_new_tokens=self.hparams.val_max_new_tokens)
         return generate_answers(self.model, self.tokenizer, inputs, settings)
