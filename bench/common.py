@@ -13,7 +13,7 @@ import torch
 from transformers import Idefics2Config
 
 from callbacks.telemetry import synchronize
-from datamodules.packing import Document
+from datamodules.packing import TokenizedDocument
 from vlm.config import IGNORE_INDEX
 
 VOCAB, IMAGE_TOKEN_ID, FAKE_TOKEN_ID, PAD_ID = 32000, 31999, 31998, 0
@@ -54,7 +54,7 @@ def idefics2_config() -> Idefics2Config:
     )
 
 
-def documents(n: int, seed: int = 0) -> list[Document]:
+def documents(n: int, seed: int = 0) -> list[TokenizedDocument]:
     """OBELICS-like documents: text runs of lognormal length around 1-3 images of mixed sizes."""
     g = torch.Generator().manual_seed(seed)
     docs = []
@@ -84,11 +84,11 @@ def documents(n: int, seed: int = 0) -> list[Document]:
         for i, (t, m) in enumerate(zip(tiles, masks)):
             pixels[i, :, : t.shape[-2], : t.shape[-1]] = t[0]
             pixel_mask[i, : m.shape[-2], : m.shape[-1]] = m[0]
-        docs.append(Document(ids, labels, pixels, pixel_mask, [1] * n_images))
+        docs.append(TokenizedDocument(ids, labels, pixels, pixel_mask, [1] * n_images))
     return docs
 
 
-def padded_batch(docs: list[Document]) -> dict[str, torch.Tensor]:
+def padded_batch(docs: list[TokenizedDocument]) -> dict[str, torch.Tensor]:
     """transformers' layout: rows right-padded to the longest, images (batch, max_images, 3, H, W)."""
     length = max(map(len, docs))
     n_images = max(d.n_tiles for d in docs)

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from datamodules.encoding import SampleEncoder
-from datamodules.packing import Document, collate_rows, pack, packing_efficiency, split_document
+from datamodules.packing import TokenizedDocument, collate_rows, pack, packing_efficiency, split_document
 from datamodules.sources import iter_samples
 from datamodules.synthetic import WRITERS, write_shards
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
@@ -26,13 +26,13 @@ from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
 SEQ_LEN, IMAGE_TOKEN, IMAGE_TOKENS, BATCH = 2048, 2, 64, 8
 
 
-def documents(n: int, seed: int = 0) -> list[Document]:
+def documents(n: int, seed: int = 0) -> list[TokenizedDocument]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
         n_images = rng.randint(0, 4)
         ids = [1] * int(min(rng.lognormvariate(6.0, 0.8), 4000)) + [IMAGE_TOKEN] * (IMAGE_TOKENS * n_images)
-        docs.append(Document(ids, ids, tiles_per_image=[1] * n_images))
+        docs.append(TokenizedDocument(ids, ids, tiles_per_image=[1] * n_images))
     return docs
 
 

@@ -37,7 +37,7 @@ from training import peak_step_memory, train_pass
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
 from callbacks.telemetry import measure_peak_flops
-from datamodules.packing import Document, collate_rows, pack
+from datamodules.packing import TokenizedDocument, collate_rows, pack
 from lit_modules.sharding import compile_decoder_blocks
 from vlm.attention import resolve_attention
 from vlm.config import IGNORE_INDEX
@@ -73,7 +73,7 @@ def hf_config(shape: str) -> Idefics3Config:
     )
 
 
-def documents(mix: str, n_tokens: int, vocab: int, seq_len: int, seed: int = 0) -> list[Document]:
+def documents(mix: str, n_tokens: int, vocab: int, seq_len: int, seed: int = 0) -> list[TokenizedDocument]:
     """``mix`` documents of about ``n_tokens`` tokens in all; text runs of at most ``seq_len / 8`` tokens."""
     g = torch.Generator().manual_seed(seed)
     docs, total = [], 0
@@ -93,13 +93,13 @@ def documents(mix: str, n_tokens: int, vocab: int, seq_len: int, seed: int = 0) 
                 image = [FAKE] + [IMAGE] * TOKENS_PER_TILE + [FAKE]
                 ids, labels = ids + image, labels + [IGNORE_INDEX] * len(image)
         pixels = torch.stack(tiles)
-        docs.append(Document(ids, labels, pixels, torch.ones(n_images, TILE, TILE, dtype=torch.long),
+        docs.append(TokenizedDocument(ids, labels, pixels, torch.ones(n_images, TILE, TILE, dtype=torch.long),
                              [1] * n_images))  # fmt: skip
         total += len(ids)
     return docs
 
 
-def padded_batch(docs: list[Document]) -> dict[str, torch.Tensor]:
+def padded_batch(docs: list[TokenizedDocument]) -> dict[str, torch.Tensor]:
     """transformers' layout: rows right-padded to the longest, tiles (batch, max_images, 3, H, W)."""
     length, n_images = max(map(len, docs)), max(d.n_tiles for d in docs)
     batch = {
@@ -120,7 +120,7 @@ def linear_params(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def useful_flops(model, docs: list[Document]) -> float:
+def useful_flops(model, docs: list[TokenizedDocument]) -> float:
     """Forward + backward FLOPs of the documents: matmuls on the tokens that use them, causal attention
     within each document, full attention within each tile (``model`` is ours, for its shapes)."""
     lm, vit = model.language_model, model.vision_tower.vit

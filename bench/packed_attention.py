@@ -27,7 +27,7 @@ import torch
 from common import add_device_arguments, interleaved_seconds, machine, to_device
 from training import peak_step_memory
 
-from datamodules.packing import Document, collate_rows, pack
+from datamodules.packing import TokenizedDocument, collate_rows, pack
 from vlm.config import get_preset
 from vlm.model import VisionLanguageModel
 
@@ -36,14 +36,14 @@ LM = dict(
 )
 
 
-def row_of(length: int, seed: int = 0) -> list[Document]:
+def row_of(length: int, seed: int = 0) -> list[TokenizedDocument]:
     """Documents of lognormal lengths (median ~400 tokens) filling one row of exactly ``length`` tokens."""
     g = torch.Generator().manual_seed(seed)
     docs, left = [], length
     while left:
         n = min(left, max(8, int(math.exp(6.0 + 0.8 * float(torch.randn((), generator=g))))))
         ids = torch.randint(3, LM["vocab_size"] - 3, (n,), generator=g).tolist()
-        docs.append(Document(ids, ids))
+        docs.append(TokenizedDocument(ids, ids))
         left -= n
     (row,) = pack(docs, length)
     return row

@@ -47,14 +47,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Idefics2ForConditionalGeneration
 
 from callbacks.telemetry import measure_peak_flops
-from datamodules.packing import Document, collate_rows, pack
+from datamodules.packing import TokenizedDocument, collate_rows, pack
 from vlm.hf import from_transformers
 
 MAX_SEQ_LEN, DOCS_PER_BATCH = 1024, 8
 GOALS = {"training tokens/s": 1.5, "training peak memory": 1 / 0.7, "training MFU": None}
 
 
-def packed_batches(docs: list[Document], n_steps: int) -> list[dict[str, torch.Tensor]]:
+def packed_batches(docs: list[TokenizedDocument], n_steps: int) -> list[dict[str, torch.Tensor]]:
     """The documents packed into rows of ``MAX_SEQ_LEN`` tokens, split into ``n_steps`` batches."""
     rows = pack(docs, MAX_SEQ_LEN)
     per_step = math.ceil(len(rows) / n_steps)

@@ -1,4 +1,4 @@
-"""``SampleEncoder``: a ``Sample`` of any source -> a ``packing.Document`` (token ids, labels, tiles).
+"""``SampleEncoder``: a ``Sample`` of any source -> a ``packing.TokenizedDocument`` (ids, labels, tiles).
 
 Two formats, chosen per source (``mode``):
 
@@ -30,7 +30,7 @@ from typing import Literal
 
 from PIL import Image
 
-from datamodules.packing import Document
+from datamodules.packing import TokenizedDocument
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats
 from vlm.config import IMAGE_TOKEN
@@ -65,7 +65,8 @@ def _has_placeholder(text: str) -> bool:
 
 
 class SampleEncoder:
-    """Callable ``Sample -> Document | None`` for ``PackedStream`` (``None``: skipped, counted in ``stats``).
+    """Callable ``Sample -> TokenizedDocument | None`` for ``PackedStream`` (``None``: skipped, counted in
+    ``stats``).
 
     ``modes`` overrides the per-source format (``default_mode``); ``training`` enables the image
     processor's training-time options (split fraction, random up-scaling) and ``shuffle_turns``
@@ -92,7 +93,7 @@ class SampleEncoder:
         self.processor = self._with_image_processor(image_processor)
         self._by_resolution.clear()
 
-    def __call__(self, sample: Sample) -> Document | None:
+    def __call__(self, sample: Sample) -> TokenizedDocument | None:
         mode = self.modes.get(sample.source) or default_mode(sample.source)
         if mode not in ("pretraining", "sft"):
             raise ValueError(
@@ -132,7 +133,7 @@ class SampleEncoder:
             return "image_count_mismatch"
         return None
 
-    def _pretraining(self, processor: VLMProcessor, sample: Sample, rng: random.Random) -> Document:
+    def _pretraining(self, processor: VLMProcessor, sample: Sample, rng: random.Random) -> TokenizedDocument:
         images = sample.images
         out = processor(
             join_content(sample.content),
@@ -145,7 +146,7 @@ class SampleEncoder:
         eos = processor.tokenizer.eos_token_id
         return self._document(out, extra=[eos])
 
-    def _sft(self, processor: VLMProcessor, sample: Sample, rng: random.Random) -> Document:
+    def _sft(self, processor: VLMProcessor, sample: Sample, rng: random.Random) -> TokenizedDocument:
         images = sample.images
         turns = list(sample.turns)
         if images and not any(IMAGE_TOKEN in user for user, _ in turns):
@@ -158,13 +159,14 @@ class SampleEncoder:
         return self._document(out)
 
     @staticmethod
-    def _document(out: dict, extra: list[int] | None = None) -> Document:
-        """The ``Document`` of a one-sample processor output; ``extra`` tokens (eos) appended with loss."""
+    def _document(out: dict, extra: list[int] | None = None) -> TokenizedDocument:
+        """The ``TokenizedDocument`` of a one-sample processor output; ``extra`` tokens (eos) appended with
+        loss."""
         input_ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
         if extra:
             input_ids, labels = input_ids + extra, labels + extra
         has_images = "pixel_values" in out
-        return Document(
+        return TokenizedDocument(
             input_ids,
             labels,
             out["pixel_values"] if has_images else None,

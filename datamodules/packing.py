@@ -1,6 +1,6 @@
 """Packing processed documents into fixed-length rows, without attention or loss across documents.
 
-A ``Document`` is one processed sample: token ids, labels and its image tiles. ``split_document``
+A ``TokenizedDocument`` is one processed sample: token ids, labels and its image tiles. ``split_document``
 cuts a long one into windows of at most ``max_len`` tokens at text positions only: an image's
 token run (from the ``<fake_token_around_image>`` before its first ``<image>`` to the one after
 its last, Idefics3 tile tags and row breaks included) is never cut, and a document holding a run
@@ -33,7 +33,7 @@ from vlm.config import IGNORE_INDEX
 
 
 @dataclass
-class Document:
+class TokenizedDocument:
     """One processed sample: ``input_ids`` and ``labels`` (same length) and its tiles in text order."""
 
     input_ids: list[int]
@@ -50,7 +50,9 @@ class Document:
         return sum(self.tiles_per_image)
 
 
-def image_spans(doc: Document, image_token_id: int, placeholder_ids: Sequence[int]) -> list[tuple[int, int]]:
+def image_spans(
+    doc: TokenizedDocument, image_token_id: int, placeholder_ids: Sequence[int]
+) -> list[tuple[int, int]]:
     """``[start, end)`` of each image's token run: its ``<image>`` tokens, what lies between them and
     the placeholder tokens (``<fake_token_around_image>``, tile tags) directly around them."""
     if not doc.tiles_per_image:
@@ -77,8 +79,8 @@ def image_spans(doc: Document, image_token_id: int, placeholder_ids: Sequence[in
 
 
 def split_document(
-    doc: Document, max_len: int, image_token_id: int, placeholder_ids: Sequence[int]
-) -> list[Document] | None:
+    doc: TokenizedDocument, max_len: int, image_token_id: int, placeholder_ids: Sequence[int]
+) -> list[TokenizedDocument] | None:
     """Windows of at most ``max_len`` tokens cut outside image runs; ``None`` if an image run is too long.
 
     Adjacent images may share a ``<fake_token_around_image>``: their runs overlap, and are kept together.
@@ -105,7 +107,7 @@ def split_document(
         images = [i for i, (s, _) in enumerate(spans) if start <= s < end]
         tiles = slice(tile_starts[images[0]], tile_starts[images[-1] + 1]) if images else slice(0, 0)
         result.append(
-            Document(
+            TokenizedDocument(
                 doc.input_ids[start:end],
                 doc.labels[start:end],
                 None if doc.pixel_values is None or not images else doc.pixel_values[tiles],
@@ -116,9 +118,11 @@ def split_document(
     return result
 
 
-def pack(docs: Sequence[Document], max_seq_len: int, max_tiles: int | None = None) -> list[list[Document]]:
+def pack(
+    docs: Sequence[TokenizedDocument], max_seq_len: int, max_tiles: int | None = None
+) -> list[list[TokenizedDocument]]:
     """Best-fit decreasing: longest documents first, each into the fullest row it fits (tokens and tiles)."""
-    rows: list[list[Document]] = []
+    rows: list[list[TokenizedDocument]] = []
     free: list[int] = []
     tiles_free: list[float] = []
     tile_budget = float("inf") if max_tiles is None else max_tiles
@@ -157,7 +161,7 @@ def _stack_tiles(tiles: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tens
 
 
 def collate_rows(
-    rows: Sequence[Sequence[Document]],
+    rows: Sequence[Sequence[TokenizedDocument]],
     pad_token_id: int,
     seq_len: int | None = None,
     *,
@@ -225,23 +229,23 @@ def packing_efficiency(batch: dict) -> float:
 
 @dataclass
 class RowPacker:
-    """Samples -> ``Document``s -> packed rows, one window of samples at a time (runs in the workers).
+    """Samples -> ``TokenizedDocument``s -> packed rows, one window of samples at a time (in the workers).
 
-    ``encode`` turns a ``Sample`` into a ``Document`` (the processor step), or ``None`` for a sample it
-    skips (counted in its own stats). Documents longer than the sample's ``meta["max_seq_len"]`` (at
-    most ``max_seq_len``) are split; a document with a window over ``max_tiles`` is dropped
-    (``too_many_tiles``). A window's documents are packed by best-fit decreasing into rows that
-    depend on that window only, so a resume re-reads at most one window.
+    ``encode`` turns a ``Sample`` into a ``TokenizedDocument`` (the processor step), or ``None`` for a
+    sample it skips (counted in its own stats). Documents longer than the sample's
+    ``meta["max_seq_len"]`` (at most ``max_seq_len``) are split; a document with a window over
+    ``max_tiles`` is dropped (``too_many_tiles``). A window's documents are packed by best-fit
+    decreasing into rows that depend on that window only, so a resume re-reads at most one window.
     """
 
-    encode: Callable[[Sample], Document | None]
+    encode: Callable[[Sample], TokenizedDocument | None]
     max_seq_len: int
     image_token_id: int
     placeholder_ids: list[int]
     max_tiles: int | None = None
     stats: RecordStats = field(default_factory=RecordStats)
 
-    def documents(self, sample: Sample) -> list[Document]:
+    def documents(self, sample: Sample) -> list[TokenizedDocument]:
         """The row-sized pieces of one sample (none if it is skipped, counted)."""
         doc = self.encode(sample)
         if doc is None:
@@ -257,7 +261,9 @@ class RowPacker:
         self.stats.ok()
         return windows
 
-    def rows(self, samples: Iterable[Sample], rng: random.Random | None = None) -> list[list[Document]]:
+    def rows(
+        self, samples: Iterable[Sample], rng: random.Random | None = None
+    ) -> list[list[TokenizedDocument]]:
         """The packed rows of one window of samples, shuffled by ``rng`` (best-fit sorts them by size)."""
         rows = pack(
             [doc for sample in samples for doc in self.documents(sample)], self.max_seq_len, self.max_tiles

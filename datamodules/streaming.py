@@ -39,10 +39,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.order import MixtureCursor, PartitionMixture, SourceStream
-from datamodules.packing import Document, RowPacker
+from datamodules.packing import RowPacker, TokenizedDocument
 from datamodules.sources.base import RecordStats
 
-Row = list[Document]
+Row = list[TokenizedDocument]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from vlm.model import VisionLanguageModel
 
-Mode = Literal["frozen", "full", "lora", "dora"]
+TrainMode = Literal["frozen", "full", "lora", "dora"]
 COMPONENTS = ("vision_tower", "connector", "language_model", "cross_attention")
 BACKBONES = ("vision_tower", "language_model")
 
@@ -41,16 +41,16 @@ class TrainingPolicy:
     ``<end_of_utterance>``...), which a frozen or LoRA-adapted vocabulary cannot learn otherwise.
     """
 
-    vision_tower: Mode = "lora"
-    connector: Mode = "full"
-    language_model: Mode = "lora"
-    cross_attention: Mode = "full"
+    vision_tower: TrainMode = "lora"
+    connector: TrainMode = "full"
+    language_model: TrainMode = "lora"
+    cross_attention: TrainMode = "full"
     lora_r: int = 8
     lora_alpha: int = 8
     lora_dropout: float = 0.1
     train_new_token_embeddings: bool = False
 
-    def mode(self, component: str) -> Mode:
+    def mode(self, component: str) -> TrainMode:
         return getattr(self, component)
 
 
@@ -80,7 +80,9 @@ def target_regex(names: list[str], module_names: list[str]) -> str:
     return "|".join(re.escape(name) for name in sorted(names))
 
 
-def _inject(component: nn.Module, mode: Mode, policy: TrainingPolicy, blocks: list[nn.Module] | None) -> None:
+def _inject(
+    component: nn.Module, mode: TrainMode, policy: TrainingPolicy, blocks: list[nn.Module] | None
+) -> None:
     targets = lora_targets(component, blocks)
     if not targets:
         where = " in the repeated_blocks() it declares" if blocks is not None else ""

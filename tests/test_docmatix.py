@@ -8,9 +8,9 @@ import pytest
 from datamodules.docmatix import (
     OUTPUT_FORMAT,
     TEMPLATES,
-    Document,
     FilterConfig,
     ParsedGeneration,
+    PdfDocument,
     QAPair,
     build_prompt,
     drop_reason,
@@ -191,7 +191,7 @@ def test_filter_duplicates_truncation_and_limit():
 
 
 def test_prompt_has_transcription_template_and_format():
-    document = Document("pdfa", "0000001", texts=["Total 12\nDate May", "Name Ann"], n_pages=2)
+    document = PdfDocument("pdfa", "0000001", texts=["Total 12\nDate May", "Name Ann"], n_pages=2)
     prompt = build_prompt(document, template=1, n_pairs=8, max_ocr_chars=8000, max_chars=500)
     assert "Page 1:\nTotal 12\nDate May\n\nPage 2:\nName Ann" in prompt
     assert TEMPLATES[1].format(n_pairs=8) in prompt and prompt.endswith(OUTPUT_FORMAT)

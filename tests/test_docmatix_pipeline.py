@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from datamodules.docmatix import (
     CausalLMGenerator,
     DocmatixConfig,
-    Document,
+    PdfDocument,
     generate_docmatix,
     iter_documents,
     main,
@@ -205,9 +205,11 @@ class _Rows:
 def test_document_selection_and_prompts_that_do_not_fit():
     page = Image.new("L", (4, 4))
     documents = [
-        Document("pdfa", "1", pages=[page] * 5, texts=["a b c"] * 5, n_pages=5),  # too many pages
-        Document("pdfa", "2", pages=[page], texts=["short"], n_pages=1),  # under min_ocr_chars
-        Document("pdfa", "3", pages=[page], texts=["long enough text here"], n_pages=1),  # generate -> None
+        PdfDocument("pdfa", "1", pages=[page] * 5, texts=["a b c"] * 5, n_pages=5),  # too many pages
+        PdfDocument("pdfa", "2", pages=[page], texts=["short"], n_pages=1),  # under min_ocr_chars
+        PdfDocument(
+            "pdfa", "3", pages=[page], texts=["long enough text here"], n_pages=1
+        ),  # generate -> None
     ]
     prompts: list[str] = []
 

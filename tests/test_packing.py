@@ -8,7 +8,7 @@ from PIL import Image
 from test_processor import tiny_processor
 
 from datamodules.packing import (
-    Document,
+    TokenizedDocument,
     collate_rows,
     image_spans,
     pack,
@@ -19,10 +19,10 @@ from vlm.config import IGNORE_INDEX
 from vlm.processing.text import image_placeholder_token_ids
 
 
-def encode(processor, text: str, images: list[Image.Image]) -> Document:
-    """A processed sample as a ``Document`` (pretraining labels, flat tiles)."""
+def encode(processor, text: str, images: list[Image.Image]) -> TokenizedDocument:
+    """A processed sample as a ``TokenizedDocument`` (pretraining labels, flat tiles)."""
     out = processor(text, [images] if images else None, return_labels=True, padding=False)
-    return Document(
+    return TokenizedDocument(
         out["input_ids"][0].tolist(),
         out["labels"][0].tolist(),
         out.get("pixel_values"),
@@ -70,15 +70,18 @@ def test_windows_never_cut_image_runs(processor_and_model):
 
 
 def test_best_fit_decreasing_beats_first_fit_order():
-    docs = [Document([1] * n, [1] * n) for n in (5, 6, 4, 3, 2, 4)]  # 24 tokens: 3 rows of 8
+    docs = [TokenizedDocument([1] * n, [1] * n) for n in (5, 6, 4, 3, 2, 4)]  # 24 tokens: 3 rows of 8
     rows = pack(docs, max_seq_len=8)
     assert sorted(sum(map(len, row)) for row in rows) == [8, 8, 8]
-    with_tiles = [Document([1] * 2, [1] * 2, tiles_per_image=[2]) for _ in range(4)]
+    with_tiles = [TokenizedDocument([1] * 2, [1] * 2, tiles_per_image=[2]) for _ in range(4)]
     assert [len(row) for row in pack(with_tiles, max_seq_len=100, max_tiles=4)] == [2, 2]
 
 
 def test_collate_positions_documents_and_labels():
-    rows = [[Document([1, 2, 3], [1, 2, 3]), Document([4, 5], [4, IGNORE_INDEX])], [Document([6], [6])]]
+    rows = [
+        [TokenizedDocument([1, 2, 3], [1, 2, 3]), TokenizedDocument([4, 5], [4, IGNORE_INDEX])],
+        [TokenizedDocument([6], [6])],
+    ]
     batch = collate_rows(rows, pad_token_id=0, seq_len=6)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 0, 0, 0, 0, 0]]
     # padding-free: the padding at the end of a row is one more sequence, positions restarting at 0
@@ -94,7 +97,9 @@ def test_collate_positions_documents_and_labels():
     assert dense["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 0, 0, 0, 0]]
     assert dense["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
     assert not any(key.startswith(("cu_seq_lens", "max_length")) for key in dense)
-    full = collate_rows([[Document([1, 2], [1, 2])]], pad_token_id=0)  # no padding: no extra sequence
+    full = collate_rows(
+        [[TokenizedDocument([1, 2], [1, 2])]], pad_token_id=0
+    )  # no padding: no extra sequence
     assert full["cu_seq_lens_q"].tolist() == [0, 2]
     with pytest.raises(ValueError, match="seq_len=1"):
         collate_rows(rows, pad_token_id=0, seq_len=1)
@@ -108,7 +113,7 @@ def test_packing_efficiency_on_obelics_like_lengths():
         n_images = rng.randint(0, 4)
         n_text = int(min(rng.lognormvariate(6.0, 0.8), 4000))
         ids = [1] * n_text + [2] * (64 * n_images)
-        docs.append(Document(ids, ids, tiles_per_image=[1] * n_images))
+        docs.append(TokenizedDocument(ids, ids, tiles_per_image=[1] * n_images))
     windows = [w for doc in docs for w in split_document(doc, 2048, 2, [2])]
     rows = pack(windows, max_seq_len=2048, max_tiles=64)
     batch = collate_rows(rows, pad_token_id=0, seq_len=2048)

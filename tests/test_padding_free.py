@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_packing import encode, image
 from test_processor import tiny_processor
 
-from datamodules.packing import Document, collate_rows
+from datamodules.packing import TokenizedDocument, collate_rows
 from vlm import attention
 from vlm.config import IGNORE_INDEX
 
@@ -21,7 +21,7 @@ TEXTS = [
 ]
 
 
-def documents(processor, text_only: bool = True) -> list[Document]:
+def documents(processor, text_only: bool = True) -> list[TokenizedDocument]:
     """Four documents; the third has no image unless ``text_only`` is off.
 
     Cross-attention fusion runs its blocks (gated feed-forward included) only for batches that hold

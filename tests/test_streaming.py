@@ -15,7 +15,7 @@ import pytest
 from datamodules.index import build_index, checked_index, index_path, load_index
 from datamodules.mixture import MixtureConfig
 from datamodules.order import MixtureCursor, PartitionSource, SourceStream, check_bad_rate
-from datamodules.packing import Document, RowPacker
+from datamodules.packing import RowPacker, TokenizedDocument
 from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats, register
 from datamodules.sources.records import RecordSpan, iter_tar_groups
@@ -227,10 +227,10 @@ class KeyDocument:
 
     stats = RecordStats()
 
-    def __call__(self, sample: Sample) -> Document:
+    def __call__(self, sample: Sample) -> TokenizedDocument:
         digest = hashlib.sha256(sample.content[0].encode()).digest()
         tokens = [1000 + b for b in digest[: 3 + digest[-1] % 16]]
-        return Document(tokens, tokens)
+        return TokenizedDocument(tokens, tokens)
 
 
 def rows_of(batch: list) -> dict[str, list[tuple]]:

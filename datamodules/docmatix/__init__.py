@@ -71,8 +71,8 @@ from datamodules.docmatix.prompts import (
     SOURCE_PREFIX,
     SOURCES,
     TEMPLATES,
-    Document,
     Generate,
+    PdfDocument,
     build_prompt,
 )
 
@@ -90,10 +90,10 @@ __all__ = [
     "UNANSWERABLE",
     "CausalLMGenerator",
     "DocmatixConfig",
-    "Document",
     "FilterConfig",
     "Generate",
     "ParsedGeneration",
+    "PdfDocument",
     "QAPair",
     "RunSummary",
     "build_parser",

@@ -15,7 +15,14 @@ from tqdm import tqdm
 
 from datamodules.docmatix.filters import FilterConfig, filter_pairs
 from datamodules.docmatix.parsing import QAPair, parse_generation
-from datamodules.docmatix.prompts import SOURCE_PREFIX, SOURCES, TEMPLATES, Document, Generate, build_prompt
+from datamodules.docmatix.prompts import (
+    SOURCE_PREFIX,
+    SOURCES,
+    TEMPLATES,
+    Generate,
+    PdfDocument,
+    build_prompt,
+)
 from datamodules.sample import Sample
 from datamodules.shard_files import HF_FEATURES, ParquetShardWriter, encode_image
 from datamodules.sources import RecordStats, iter_samples
@@ -96,17 +103,17 @@ def record_key(sample_key: str) -> tuple[str, str]:
     return document_id, document_id.rpartition("#")[2]
 
 
-def iter_documents(samples: Iterable[Sample], max_pages: int) -> Iterator[Document]:
+def iter_documents(samples: Iterable[Sample], max_pages: int) -> Iterator[PdfDocument]:
     """Group one-page samples back into documents (consecutive samples of the same ``shard#key``),
     keeping at most ``max_pages + 1`` pages in memory per document."""
-    current: Document | None = None
+    current: PdfDocument | None = None
     current_id = None
     for sample in samples:
         document_id, key = record_key(sample.key)
         if document_id != current_id:
             if current is not None:
                 yield current
-            current, current_id = Document(source=sample.source, key=key), document_id
+            current, current_id = PdfDocument(source=sample.source, key=key), document_id
         current.n_pages += len(sample.images)
         if current.n_pages <= max_pages + 1:
             current.pages += sample.images
@@ -115,7 +122,7 @@ def iter_documents(samples: Iterable[Sample], max_pages: int) -> Iterator[Docume
         yield current
 
 
-def docmatix_row(document: Document, pairs: Sequence[QAPair], image_format: str = "PNG") -> dict:
+def docmatix_row(document: PdfDocument, pairs: Sequence[QAPair], image_format: str = "PNG") -> dict:
     """A Docmatix ``images``-config row: page images encoded as ``image_format``, turns with the
     ``"PDFA key: <key>"`` (or ``"IDL key: ..."``) source."""
     source = f"{SOURCE_PREFIX.get(document.source, document.source)}: {document.key}"
@@ -126,7 +133,7 @@ def docmatix_row(document: Document, pairs: Sequence[QAPair], image_format: str 
     }
 
 
-def _skip_reason(document: Document, config: DocmatixConfig) -> str | None:
+def _skip_reason(document: PdfDocument, config: DocmatixConfig) -> str | None:
     if document.n_pages > config.max_pages:
         return "too_many_pages"
     if len(document.transcription()) < config.min_ocr_chars:
@@ -135,7 +142,7 @@ def _skip_reason(document: Document, config: DocmatixConfig) -> str | None:
 
 
 def run_pipeline(
-    documents: Iterable[Document],
+    documents: Iterable[PdfDocument],
     generate: Generate,
     writer: ParquetShardWriter,
     config: DocmatixConfig = DocmatixConfig(),
@@ -147,7 +154,7 @@ def run_pipeline(
     seen_in_run: set[tuple[str, str]] = set()
     documents = islice(documents, config.max_docs)
     bar = tqdm(documents, total=config.max_docs, unit="doc", desc="docmatix", disable=not progress)
-    batch: list[tuple[Document, str, int]] = []
+    batch: list[tuple[PdfDocument, str, int]] = []
 
     def flush() -> None:
         outputs = generate([prompt for _, prompt, _ in batch])
@@ -178,7 +185,7 @@ def run_pipeline(
 
 
 def _handle_output(
-    document: Document,
+    document: PdfDocument,
     output: str | None,
     n_pairs: int,
     writer: ParquetShardWriter,
@@ -222,7 +229,7 @@ def prepare_output(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 def read_documents(
     source: str, urls: str | Sequence[str], config: DocmatixConfig
-) -> tuple[Iterator[Document], RecordStats]:
+) -> tuple[Iterator[PdfDocument], RecordStats]:
     """The documents of ``source`` at ``urls`` and the reader's stats; ``ValueError`` for an unknown
     source or when the shards hold no readable document, ``FileNotFoundError`` for missing shards."""
     if source not in SOURCES:
@@ -254,7 +261,7 @@ def generate_docmatix(
 
 
 def write_docmatix(
-    documents: Iterable[Document],
+    documents: Iterable[PdfDocument],
     stats: RecordStats,
     generate: Generate,
     folder: Path,

@@ -46,7 +46,7 @@ OUTPUT_FORMAT = (
 
 
 @dataclass
-class Document:
+class PdfDocument:
     """One PDF: its (non-empty) page images and their OCR text, as the PDFA/IDL readers give them.
 
     ``n_pages`` counts every non-empty page; once it exceeds the grouping limit, ``pages`` and
@@ -71,7 +71,9 @@ class Document:
         return cut[: cut.rfind("\n")] if "\n" in cut else cut
 
 
-def build_prompt(document: Document, template: int, n_pairs: int, max_ocr_chars: int, max_chars: int) -> str:
+def build_prompt(
+    document: PdfDocument, template: int, n_pairs: int, max_ocr_chars: int, max_chars: int
+) -> str:
     """The prompt: ``PROMPT_HEADER`` (transcription), ``TEMPLATES[template]``, ``RULES``, ``OUTPUT_FORMAT``.
 
     ``n_pairs`` is the number of pairs asked for; the transcription is cut at ``max_ocr_chars``.
