@@ -260,7 +260,7 @@ class VLMDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # In checkpoints, so that a model can be exported or served with the processor it was trained
-        # with (vlm.export); not logged (the model's hyper-parameters are).
+        # with (runners.export); not logged (the model's hyper-parameters are).
         self.save_hyperparameters(logger=False)
         if (synthetic or val_synthetic) and data_root is None:
             raise ValueError("synthetic / val_synthetic need data_root (where the shards are written).")

@@ -16,8 +16,7 @@ import os
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import LightningModule
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 from torch.optim import AdamW
@@ -26,7 +25,6 @@ from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForImageTextToText
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from callbacks.predictions import PredictionWriter
 from lit_modules.optim import LRSchedule, Schedule, param_groups
 from lit_modules.policy import TrainingPolicy, apply_policy, merge_adapters, new_token_rows
 from lit_modules.sharding import checkpoint_blocks, compile_decoder_blocks, shard, train_rows_sharded
@@ -362,14 +360,6 @@ class VLMModule(LightningModule):
                 record["reference"] = reference
             records.append(record)
         return records
-
-    def configure_callbacks(self) -> list[Callback]:
-        """When predicting, a ``PredictionWriter`` (``predictions.jsonl`` in the trainer's
-        ``default_root_dir``) unless the trainer has one already (configured with its own ``output``)."""
-        predicting = self.trainer.state.fn == TrainerFn.PREDICTING
-        if predicting and not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
-            return [PredictionWriter()]
-        return []
 
     # --- optimisation ---------------------------------------------------------------------
 

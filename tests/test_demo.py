@@ -22,7 +22,7 @@ from datamodules.datamodule import collate_questions, questions_of
 from datamodules.sample import Sample
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
-from vlm.cli import main
+from runners.cli import main
 from vlm.config import IMAGE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]

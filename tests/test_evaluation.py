@@ -1,6 +1,6 @@
 """Benchmark evaluation (``vlm.evaluation``): prompts, readers of the Hub layouts, few-shot selection, and
 the Lightning path (``EvalDataModule`` + ``BenchmarkEvaluation``) end to end on miniature fake benchmarks
-with a random idefics2-tiny model, through the Python API and ``vlm.cli.main(["validate", ...])``."""
+with a random idefics2-tiny model, through the Python API and ``runners.cli.main(["validate", ...])``."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
+from callbacks import BenchmarkEvaluation
+from datamodules import EvalDataModule
+from datamodules.evaluation import collate_prompts
 from lit_modules import VLMModule
-from vlm.cli import main
+from runners.cli import main
 from vlm.config import IMAGE_TOKEN
 from vlm.evaluation import (
     BENCHMARKS,
-    BenchmarkEvaluation,
-    EvalDataModule,
     apply_stop_words,
-    collate_prompts,
     documents,
     format_prompt,
     get_benchmark,
@@ -301,5 +301,5 @@ def test_every_eval_config_fits_its_benchmark(config):
     assert data["files"] == f"${{EVAL_DATA}}/{benchmark.name}/{benchmark.split}-*.parquet"
     assert EvalDataModule(**data).benchmark is benchmark
     (callback,) = parsed["trainer"]["callbacks"]
-    assert callback["class_path"] == "vlm.evaluation.BenchmarkEvaluation"
+    assert callback["class_path"] == "callbacks.BenchmarkEvaluation"
     BenchmarkEvaluation(**callback["init_args"])

@@ -1,10 +1,10 @@
 """An lmms-eval model (``idefics_lightning``) that scores any checkpoint of this codebase with that harness.
 
-The prompt is built by the same code as our harness (``vlm.evaluation.lightning``): each lmms-eval
+The prompt is built by the same code as our harness (``datamodules.evaluation``): each lmms-eval
 context (the text the task's ``doc_to_text`` produced) becomes the user text of a
 ``prompts.Document`` with the request's images, rendered with training's chat template
 (``prompts.chat_messages`` / ``render_chat_text``) or, with ``chat=False``, as plain text for base
-models (``prompts.plain_text``), and batched by ``lightning.collate_prompts``. Generation is
+models (``prompts.plain_text``), and batched by ``datamodules.evaluation.collate_prompts``. Generation is
 ``VLMModule.generate_answers`` (greedy, stops at eos / ``<end_of_utterance>``), then the text is cut
 by ``prompts.apply_stop_words`` at the paper's stop words plus the task's ``until`` list. Images go
 before the text unless the context places them with ``<image>`` (like lmms-eval's own ``idefics2``).
@@ -20,7 +20,7 @@ Registration (lmms-eval 0.7.3 resolves ``--model NAME`` in ``lmms_eval.models.ge
 
     [options.entry_points]
     lmms_eval.models =
-        idefics_lightning = vlm.evaluation.lmms_eval_adapter:lmms_eval_manifest
+        idefics_lightning = runners.lmms_eval:lmms_eval_manifest
 
 and importing this module with lmms-eval installed also registers the class with
 ``lmms_eval.api.registry.register_model`` (the decorator lmms-eval's own models use; that legacy
@@ -63,7 +63,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vlm.evaluation.lightning import collate_prompts
+from datamodules.evaluation import collate_prompts
+from lit_modules import VLMModule
 from vlm.evaluation.prompts import (
     STOP_WORDS,
     Document,
@@ -142,8 +143,6 @@ def _check_images(images: list[Any]) -> list[Any]:
 def load_module(pretrained: str, tokenizer: str | None = None):
     """A ``VLMModule`` in eval mode from a Lightning checkpoint file or a transformers Idefics2/Idefics3
     folder (``tokenizer``: ``None`` = the checkpoint's tokenizer, or the folder itself)."""
-    from lit_modules import VLMModule  # Lightning-side import, only when a model is loaded
-
     path = Path(resolve_path(pretrained))
     if path.is_dir():
         module = VLMModule(from_transformers=str(path), tokenizer=tokenizer or str(path))

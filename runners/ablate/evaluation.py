@@ -13,16 +13,16 @@ from typing import Any
 import torch
 import yaml
 
-from vlm.ablate.axis import Axis, resolve
-from vlm.ablate.overrides import apply_overrides
+from runners.ablate.axis import Axis, resolve
+from runners.ablate.overrides import apply_overrides
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "what shape": "shape"}
 PAPER_BENCHMARKS = ("vqav2", "textvqa", "okvqa", "coco")
 
 
 def cli_main(args: list[str]):
-    """``vlm.cli.main(args)`` (LightningCLI) with this program's own arguments hidden from it."""
-    from vlm.cli import main
+    """``runners.cli.main(args)`` (LightningCLI) with this program's own arguments hidden from it."""
+    from runners.cli import main
 
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
@@ -99,7 +99,7 @@ def write_shapes_vqav2(questions: Sequence, path: Path, question_id0: int = 0) -
 
 
 def benchmark_eval(eval_config: Path | dict, ckpt: Path, out_dir: Path, overrides: dict[str, Any]) -> dict:
-    """``validate --config <eval config + overrides> --ckpt_path ckpt`` through ``vlm.cli.main``; returns
+    """``validate --config <eval config + overrides> --ckpt_path ckpt`` through ``runners.cli.main``; returns
     the ``BenchmarkEvaluation`` results (``value`` is the metric in [0, 1], CIDEr unbounded)."""
     config = (
         yaml.safe_load(resolve(eval_config).read_text()) if isinstance(eval_config, Path) else eval_config
