@@ -2,39 +2,54 @@
 
 ``EvalDataModule`` reads a benchmark (``vlm.evaluation.benchmarks``), builds each query's zero- or
 few-shot prompt (``vlm.evaluation.fewshot``) with training's chat template (or as plain text for
-base models) and serves left-padded generation batches in the ``prompt_*`` layout that
-``VLMModule.generate_answers`` reads. ``callbacks.BenchmarkEvaluation`` generates greedily with the
-LightningModule's ``generate_answers``, cuts the text at the paper's stop words, scores it with the
-benchmark's metric, logs ``eval/<benchmark>/<metric>`` and writes ``<benchmark>_results.json`` and
-``<benchmark>_predictions.jsonl``. The batches carry no ``answers`` / ``labels``, so
-``VLMModule.validation_step`` itself does nothing on them (no second generation).
+base models) and serves them as ``PromptBatch``es (``vlm.evaluation.batch``), the batches of ``val/acc``.
+Its ``prompt_scorer`` tells ``VLMModule.validation_step`` how to score them (the benchmark's metric, the
+paper's stop words; ``vlm.evaluation.scoring``), which logs ``eval/<benchmark>/<metric>``;
+``callbacks.BenchmarkEvaluation`` writes ``<benchmark>_results.json`` and ``<benchmark>_predictions.jsonl``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property, partial
+from itertools import islice
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric
 
+from datamodules.datamodule import expand_env
+from datamodules.held_out import question_items
+from datamodules.sources import iter_samples
+from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts
 from vlm.evaluation.benchmarks import Benchmark, Example, get_benchmark
 from vlm.evaluation.fewshot import documents, select_shots
-from vlm.evaluation.prompts import (
-    Document,
-    chat_messages,
-    plain_text,
-    render_chat_text,
-)
+from vlm.evaluation.prompts import STOP_WORDS
+from vlm.evaluation.scoring import PromptScorer
 from vlm.language_model import load_tokenizer
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
-from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion
 
 
+def question_examples(sources: Sequence[dict[str, Any]], limit: int | None = None) -> list[Example]:
+    """The first ``limit`` questions of conversation ``sources`` (``{source, urls, options}``, ``${VAR}``
+    expanded) as benchmark examples: ``held_out.question_items``, the answer as the one reference."""
+    items = (
+        item
+        for source in map(expand_env, sources)
+        for sample in iter_samples(source["source"], source["urls"], **source.get("options", {}))
+        for item in question_items(sample)
+    )
+    return [
+        Example(item.id, item.documents[-1].images, item.documents[-1].text, answers=item.references)
+        for item in islice(items, limit)
+    ]
+
+
 class PromptDataset(Dataset):
-    """The queries of a benchmark, each with its documents (shots, then the query)."""
+    """The queries of a benchmark as ``(index, PromptItem)`` pairs: shots, then the query, with its
+    references and, for its prediction record, its choices and metadata."""
 
     def __init__(
         self,
@@ -50,44 +65,25 @@ class PromptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[int, list[Document]]:
+    def __getitem__(self, index: int) -> tuple[int, PromptItem]:
         query = self.examples[index]
         shots = select_shots(query, self.support, self.num_shots, self.seed)
-        return index, documents(query, shots, self.benchmark.prompt)
-
-
-def collate_prompts(
-    items: list[tuple[int, list[Document]]], processor: VLMProcessor, chat: bool
-) -> dict[str, Any]:
-    """A left-padded generation batch: ``prompt_input_ids``, ``prompt_attention_mask`` and, with images,
-    ``prompt_pixel_values``, ``prompt_pixel_attention_mask``, ``prompt_tiles_per_sample``,
-    ``prompt_tiles_per_image``; plus ``example_index`` (positions in the dataset) and ``prompts`` (the
-    prompt texts before image expansion)."""
-    images = [[image for doc in docs for image in doc.images] for _, docs in items]
-    images_arg = images if any(images) else None
-    if chat:
-        out = processor.encode_conversations(
-            [chat_messages(docs) for _, docs in items],
-            images_arg,
-            add_generation_prompt=True,
-            padding_side="left",
-        )
-        prompts = [render_chat_text(docs) for _, docs in items]
-    else:
-        prompts = [plain_text(docs) for _, docs in items]
-        out = processor(prompts, images_arg, padding_side="left")
-    batch: dict[str, Any] = {"example_index": [index for index, _ in items], "prompts": prompts}
-    batch.update(prompt_inputs(out))
-    return batch
+        docs = documents(query, shots, self.benchmark.prompt)
+        record = {"choices": query.choices, "metadata": query.metadata}
+        return index, PromptItem(query.id, docs, list(query.answers), record=record)
 
 
 class EvalDataModule(LightningDataModule):
     """Generation batches of one benchmark, zero- or few-shot (validation loader only).
 
-    - ``benchmark``: a key of ``vlm.evaluation.BENCHMARKS``; ``files``: its parquet files (paths or globs,
-      ``${VAR}`` expanded); ``limit``: evaluate only the first ``limit`` examples.
+    - ``benchmark``: a key of ``vlm.evaluation.BENCHMARKS`` (its prompt and metric); ``files``: its parquet
+      files (paths or globs, ``${VAR}`` expanded); ``limit``: evaluate only the first ``limit`` examples.
+    - or, instead of ``files``, ``sources``: conversation sources (``{source, urls, options}``, as
+      ``VLMDataModule``'s ``val_sources``) whose questions are the examples (``question_examples``: one
+      per turn, its answer the one reference), e.g. held-out synthetic questions with the VQAv2 prompt.
     - ``num_shots`` in-context examples per query from ``support_files`` (same layout, e.g. the train
-      split), drawn with ``seed`` (``vlm.evaluation.fewshot.select_shots``).
+      split) or ``support_sources`` (the first ``support_limit`` questions), drawn with ``seed``
+      (``vlm.evaluation.fewshot.select_shots``).
     - ``chat``: instruction models get training's chat template (shots as earlier user/assistant turns,
       then ``Assistant:``); ``False``: plain text for base models (``prompts.plain_text``).
     - ``tokenizer``, ``recipe``, ``image_seq_len``, ``image_processor`` (``ImageProcessor`` keyword
@@ -98,8 +94,11 @@ class EvalDataModule(LightningDataModule):
     def __init__(
         self,
         benchmark: str,
-        files: str | list[str],
+        files: str | list[str] | None = None,
         support_files: str | list[str] | None = None,
+        sources: list[dict[str, Any]] | None = None,
+        support_sources: list[dict[str, Any]] | None = None,
+        support_limit: int | None = None,
         num_shots: int = 0,
         seed: int = 0,
         chat: bool = True,
@@ -113,10 +112,17 @@ class EvalDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if num_shots and support_files is None:
-            raise ValueError(f"num_shots={num_shots} needs support_files (the split the shots come from).")
+        if (files is None) == (sources is None):
+            raise ValueError(
+                "Give the examples as files (a benchmark's parquet files) or as sources, not both."
+            )
+        if num_shots and support_files is None and support_sources is None:
+            raise ValueError(
+                f"num_shots={num_shots} needs support_files or support_sources (where the shots come from)."
+            )
         self.benchmark = get_benchmark(benchmark)
         self.files, self.support_files = files, support_files
+        self.sources, self.support_sources, self.support_limit = sources, support_sources, support_limit
         self.num_shots, self.seed, self.chat, self.limit = num_shots, seed, chat, limit
         self.tokenizer_name, self.recipe, self.image_seq_len = tokenizer, recipe, image_seq_len
         self.image_processor_options = dict(image_processor or {})
@@ -124,13 +130,19 @@ class EvalDataModule(LightningDataModule):
 
     @cached_property
     def examples(self) -> list[Example]:
-        """The evaluated examples, in file order."""
+        """The evaluated examples, in file (or source) order."""
+        if self.sources is not None:
+            return question_examples(self.sources, self.limit)
         return self.benchmark.read(self.files)[: self.limit]
 
     @cached_property
     def support(self) -> list[Example]:
         """The examples in-context shots are drawn from (none for zero-shot)."""
-        return [] if not self.num_shots else self.benchmark.read(self.support_files)
+        if not self.num_shots:
+            return []
+        if self.support_sources is not None:
+            return question_examples(self.support_sources, self.support_limit)
+        return self.benchmark.read(self.support_files)[: self.support_limit]
 
     @cached_property
     def processor(self) -> VLMProcessor:
@@ -148,6 +160,16 @@ class EvalDataModule(LightningDataModule):
 
     def dataset(self) -> PromptDataset:
         return PromptDataset(self.benchmark, self.examples, self.support, self.num_shots, self.seed)
+
+    def prompt_scorer(self, stop_words: Sequence[str] = STOP_WORDS) -> PromptScorer:
+        """How ``VLMModule`` scores these prompts: the benchmark's metric, fed with the examples
+        (``Benchmark.update``), logged as ``eval/<benchmark>/<metric>``; generations cut at ``stop_words``."""
+
+        def update(metric: Metric, predictions: list[str], batch: PromptBatch) -> None:
+            self.benchmark.update(metric, predictions, [self.examples[i] for i in batch["indices"]])
+
+        name = f"eval/{self.benchmark.name}/{self.benchmark.metric_name}"
+        return PromptScorer(name, self.benchmark.metric(), stop_words, update)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

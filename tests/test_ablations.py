@@ -270,9 +270,10 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     """The tiny variant's module (built as the CLI resolves it) generates an answer to a held-out-style
     question encoded by the variant's own processor; its policy freezes what it says."""
     from datamodules import VLMDataModule
-    from datamodules.datamodule import Question, collate_questions
     from datamodules.synthetic_content import draw_scene, random_scene
     from vlm.config import IMAGE_TOKEN
+    from vlm.evaluation.batch import PromptItem, collate_prompts
+    from vlm.evaluation.prompts import Document
 
     config = printed(axis, variant, True, print_dir)
     module = build_module(config["model"]["init_args"], device="cpu", weights=True)
@@ -291,7 +292,8 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     scene = random_scene(rng)
     question, answer = scene.qa_pairs()[0]
     image = draw_scene(scene, rng)
-    batch = collate_questions([Question("k", [image], IMAGE_TOKEN + question, answer)], data.processor)
+    item = PromptItem("k", [Document([image], IMAGE_TOKEN + question)], [answer])
+    batch = collate_prompts([(0, item)], data.processor)
     module.eval()
     with torch.no_grad():
         (prediction,) = module.generate_answers(batch)

@@ -29,10 +29,11 @@ For each variant the runner writes the merged config, runs ``fit`` through ``run
   for each of the axis' ``eval.benchmarks`` (VQAv2, TextVQA, OKVQA, COCO, 4-shot; scores x 100, CIDEr
   included, averaged as the paper's "Avg. score");
 - tiny scale: the demo's held-out generation accuracy on the synthetic shapes questions (every held-out
-  question asked alone, greedy, exact match), overall (``val_acc``) and per question type (count,
-  colour, shape); with ``--shots K`` also a K-shot run of the same held-out questions through
-  ``datamodules.EvalDataModule`` (VQAv2 layout, the paper's VQA prompt, shots from training
-  conversations; VQA accuracy).
+  question asked alone, greedy, exact match: ``validate`` of the variant's own config, its ``val/acc``),
+  overall (``val_acc``) and per question type (count, colour, shape); with ``--shots K`` also a K-shot run
+  of the same held-out questions through ``configs/eval/vqav2.yaml`` with ``datamodules.EvalDataModule``
+  reading them from the validation conversations (``sources``; the paper's VQA prompt, shots from
+  training conversations; VQA accuracy).
 
 Outputs: ``<out>/<axis>_<scale>.csv`` and ``.md`` (the table) and ``.png`` (the plot); runs (configs,
 logs, checkpoints, ``metrics.json``) under ``<runs>/<axis>_<scale>/<variant>/``.

@@ -1,20 +1,22 @@
-"""How the runner scores a trained variant: the tiny scale's held-out shapes accuracy (overall, per
-question type, K-shot), the full scale's paper benchmarks (``validate`` with ``configs/eval/*.yaml``)."""
+"""How the runner scores a trained variant, always through ``validate`` (``runners.cli.main``, what
+``python -m lightning validate`` runs) and ``callbacks.BenchmarkEvaluation``'s predictions: the tiny
+scale's held-out shapes accuracy (the variant's own ``val/acc``, per question type, K-shot through
+``EvalDataModule(sources=...)``), the full scale's paper benchmarks (``configs/eval/*.yaml``)."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+from torchmetrics import Metric
 
 from runners.ablate.axis import Axis, resolve
 from runners.ablate.overrides import apply_overrides
+from vlm.metrics import ExactMatch, VQAAccuracy
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "what shape": "shape"}
 PAPER_BENCHMARKS = ("vqav2", "textvqa", "okvqa", "coco")
@@ -32,75 +34,57 @@ def cli_main(args: list[str]):
 
 
 def question_type(question: str) -> str:
+    """``count`` / ``colour`` / ``shape`` (or ``other``) of a synthetic shapes question, bare or in a prompt
+    template ("Question: How many ...")."""
     text = question.replace("<image>", "").strip().lower()
-    return next((kind for prefix, kind in QUESTION_TYPES.items() if text.startswith(prefix)), "other")
+    return next((kind for phrase, kind in QUESTION_TYPES.items() if phrase in text), "other")
 
 
-@torch.no_grad()
-def generation_accuracy(module, datamodule) -> dict[str, Any]:
-    """Held-out generation accuracy of a trained module on its DataModule's ``val_generate`` questions
-    (each asked alone, greedy, exact match after ``normalize_answer``): overall and per question type."""
-    from lit_modules.vlm_module import normalize_answer
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.open(encoding="utf-8")]
 
-    loader = datamodule.val_dataloader()
-    questions = loader.dataset.questions
-    was_training = module.training
-    module.eval()
-    hits: dict[str, list[bool]] = {}
-    seen = 0
-    for batch in loader:
-        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        predictions = module.generate_answers(batch)
-        for question, prediction in zip(questions[seen : seen + len(predictions)], predictions):
-            hit = normalize_answer(prediction) == normalize_answer(question.answer)
-            hits.setdefault(question_type(question.question), []).append(hit)
-        seen += len(predictions)
-    module.train(was_training)
-    every = [h for values in hits.values() for h in values]
-    out = {"val_acc": sum(every) / max(len(every), 1), "n_questions": len(every)}
-    out.update({f"acc_{kind}": sum(v) / len(v) for kind, v in sorted(hits.items())})
+
+def per_question_type(
+    records: Sequence[dict[str, Any]], metric: type[Metric], prefix: str
+) -> dict[str, float]:
+    """``metric`` of the predictions records of each question type, as ``<prefix><type>``."""
+    out = {}
+    for kind in sorted({question_type(r["question"]) for r in records}):
+        mine = [r for r in records if question_type(r["question"]) == kind]
+        score = metric()
+        score.update([r["prediction"] for r in mine], [r["answers"] for r in mine])
+        out[f"{prefix}{kind}"] = float(score.compute())
     return out
 
 
-def write_shapes_vqav2(questions: Sequence, path: Path, question_id0: int = 0) -> Path:
-    """Shapes questions (``datamodules.datamodule.Question``) as a VQAv2-layout parquet file (10 identical
-    reference answers, ``question_type`` = count / colour / shape) for ``EvalDataModule``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def validate(config: dict, ckpt: Path, out_dir: Path, name: str) -> dict[str, Any]:
+    """``validate --config <config> --ckpt_path ckpt`` through ``runners.cli.main``, with a
+    ``BenchmarkEvaluation`` writing its results and predictions to ``out_dir``; returns the results
+    (``value``: the metric in [0, 1], CIDEr unbounded) and the ``records``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli_main(["validate", "--config", str(path), "--ckpt_path", str(ckpt)])
+    results = json.loads((out_dir / f"{name}_results.json").read_text())
+    return {**results, "records": _records(out_dir / f"{name}_predictions.jsonl")}
 
-    from vlm.evaluation.fakes import IMAGE_TYPE
 
-    def png(image) -> dict:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return {"bytes": buffer.getvalue(), "path": None}
-
-    rows = [
-        {
-            "question_type": question_type(q.question),
-            "multiple_choice_answer": q.answer,
-            "answers": [
-                {"answer": q.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
-            ],
-            "image_id": question_id0 + i,
-            "answer_type": "number" if q.answer.isdigit() else "other",
-            "question_id": question_id0 + i,
-            "question": q.question.replace("<image>", "").strip(),
-            "image": png(q.images[0]),
-        }
-        for i, q in enumerate(questions)
-    ]
-    table = pa.Table.from_pylist(rows)
-    index = table.schema.get_field_index("image")
-    table = table.set_column(index, pa.field("image", IMAGE_TYPE), table["image"].cast(IMAGE_TYPE))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    return path
+def held_out_accuracy(train: dict, run_dir: Path) -> dict[str, Any]:
+    """The tiny scale's held-out accuracy: ``validate`` of the variant's own config on ``final.ckpt`` (its
+    ``VLMDataModule(val_generate=True)``: every held-out question asked alone, greedy, ``val/acc`` exact
+    match), overall (``val_acc``) and per question type (``acc_<type>``)."""
+    out_dir = run_dir / "eval_held_out"
+    evaluation = {"class_path": "callbacks.BenchmarkEvaluation", "init_args": {"output_dir": str(out_dir)}}
+    config = apply_overrides(train, {"trainer.logger": False, "trainer.callbacks+": [evaluation]})
+    results = validate(config, run_dir / "final.ckpt", out_dir, "val")
+    records = results["records"]
+    out = {"val_acc": results["value"], "n_questions": len(records)}
+    return {**out, **per_question_type(records, ExactMatch, "acc_")}
 
 
 def benchmark_eval(eval_config: Path | dict, ckpt: Path, out_dir: Path, overrides: dict[str, Any]) -> dict:
-    """``validate --config <eval config + overrides> --ckpt_path ckpt`` through ``runners.cli.main``; returns
-    the ``BenchmarkEvaluation`` results (``value`` is the metric in [0, 1], CIDEr unbounded)."""
+    """``validate --config <eval config + overrides> --ckpt_path ckpt`` (``validate``): the
+    ``BenchmarkEvaluation`` results and records."""
     config = (
         yaml.safe_load(resolve(eval_config).read_text()) if isinstance(eval_config, Path) else eval_config
     )
@@ -110,12 +94,7 @@ def benchmark_eval(eval_config: Path | dict, ckpt: Path, out_dir: Path, override
         **overrides,
     }
     config = apply_overrides(config, overrides)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    benchmark = config["data"]["init_args"]["benchmark"]
-    path = out_dir / f"{benchmark}_config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cli_main(["validate", "--config", str(path), "--ckpt_path", str(ckpt)])
-    return json.loads((out_dir / f"{benchmark}_results.json").read_text())
+    return validate(config, ckpt, out_dir, config["data"]["init_args"]["benchmark"])
 
 
 def final_resolution(train: dict) -> int | None:
@@ -150,34 +129,18 @@ def eval_data_overrides(train: dict) -> dict[str, Any]:
     }
 
 
-def shapes_benchmark(cli, run_dir: Path, max_shots: int) -> tuple[Path, Path]:
-    """The held-out shapes questions (and, as the support split, questions of the training conversations) as
-    VQAv2-layout parquet files under ``run_dir/shapes_vqav2``."""
-    from datamodules.datamodule import questions_of
-    from datamodules.sources import iter_samples
-
-    data = cli.datamodule
-    held_out = data.val_dataloader().dataset.questions
-    source = next(s for s in data.mixture.sources if s.source == "cauldron")
-    support: list = []
-    for sample in iter_samples("cauldron", source.urls, **source.options):
-        support += [q for q in questions_of(sample) if len(q.images) == 1]
-        if len(support) >= max(60, 20 * max_shots):
-            break
-    folder = run_dir / "shapes_vqav2"
-    return (
-        write_shapes_vqav2(held_out, folder / "validation-00000-of-00001.parquet"),
-        write_shapes_vqav2(support, folder / "train-00000-of-00001.parquet", 10**6),
-    )
-
-
-def fewshot_shapes(cli, train: dict, run_dir: Path, shots: Sequence[int]) -> dict[str, Any]:
+def fewshot_shapes(train: dict, run_dir: Path, shots: Sequence[int]) -> dict[str, Any]:
     """K-shot VQA accuracy on the held-out shapes questions for each K of ``shots``, through
-    ``configs/eval/vqav2.yaml`` (``EvalDataModule`` + ``BenchmarkEvaluation``, the paper's VQA prompt) on the
-    CPU with the final checkpoint; shots drawn from training conversations; also per question type."""
-    from vlm.metrics import VQAAccuracy
+    ``configs/eval/vqav2.yaml`` (``EvalDataModule`` + ``BenchmarkEvaluation``, the paper's VQA prompt) with
+    the variant's validation sources as the examples (``EvalDataModule(sources=...)``) and its training
+    conversations' questions as the shots, on the CPU with the final checkpoint; also per question type."""
+    data = train["data"]["init_args"]
+    keep = ("source", "urls", "options")
 
-    query_file, support_file = shapes_benchmark(cli, run_dir, max(shots))
+    def conversations(sources: list[dict]) -> list[dict]:
+        return [{key: s[key] for key in keep if key in s} for s in sources]
+
+    support = [next(s for s in data["sources"] if s["source"] == "cauldron")]
     max_new_tokens = train["model"]["init_args"].get("val_max_new_tokens", 8)
     out: dict[str, Any] = {}
     for k in shots:
@@ -191,21 +154,19 @@ def fewshot_shapes(cli, train: dict, run_dir: Path, shots: Sequence[int]) -> dic
             "trainer.callbacks+": [
                 {"class_path": "callbacks.threads.TorchThreads", "init_args": {"num_threads": 1}}
             ],
-            "data.init_args.files": str(query_file),
-            "data.init_args.support_files": str(support_file),
+            "data.init_args.files": None,
+            "data.init_args.sources": conversations(data["val_sources"]),
+            "data.init_args.support_sources": conversations(support),
+            "data.init_args.support_limit": max(60, 20 * max(shots)),
             "data.init_args.num_shots": k,
             "data.init_args.batch_size": 50,
             "data.init_args.fusion": None,
         }
-        folder = run_dir / f"eval_{k}shot"
-        results = benchmark_eval(Path("configs/eval/vqav2.yaml"), run_dir / "final.ckpt", folder, overrides)
+        results = benchmark_eval(
+            Path("configs/eval/vqav2.yaml"), run_dir / "final.ckpt", run_dir / f"eval_{k}shot", overrides
+        )
         out[f"shapes_{k}shot"] = results["value"]
-        records = [json.loads(line) for line in (folder / "vqav2_predictions.jsonl").open()]
-        for kind in sorted({r["metadata"]["question_type"] for r in records}):
-            mine = [r for r in records if r["metadata"]["question_type"] == kind]
-            metric = VQAAccuracy()
-            metric.update([r["prediction"] for r in mine], [r["answers"] for r in mine])
-            out[f"shapes_{k}shot_{kind}"] = float(metric.compute())
+        out.update(per_question_type(results["records"], VQAAccuracy, f"shapes_{k}shot_"))
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from runners.ablate.axis import ROOT, Axis, load_axis
-from runners.ablate.evaluation import cli_main, fewshot_shapes, generation_accuracy, paper_eval
+from runners.ablate.evaluation import cli_main, fewshot_shapes, held_out_accuracy, paper_eval
 from runners.ablate.overrides import apply_overrides, parse_set
 from runners.ablate.report import write_outputs
 
@@ -129,9 +129,9 @@ def run_variant(
             row["val_acc_logged"] = summary.history[-1][2]
             row["curve"] = " ".join(f"{step}:{value:.3f}" for step, _, value in summary.history)
         if evaluate and tiny:
-            row.update(generation_accuracy(cli.model, cli.datamodule))
+            row.update(held_out_accuracy(config, run_dir))
             if shots:
-                row.update(fewshot_shapes(cli, config, run_dir, shots))
+                row.update(fewshot_shapes(config, run_dir, shots))
         elif evaluate:
             row.update(paper_eval(axis, variant, config, run_dir))
     finally:
