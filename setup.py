@@ -4,7 +4,7 @@
 not ship. Without touching that package, both wheels (``pip install .`` and ``pip install -e .``)
 carry a one-line ``.pth`` at their root (site-packages) that imports ``_idefics_lightning_hook``;
 the hook adds a ``sys.meta_path`` finder answering only for ``lightning.__main__`` with
-``vlm/cli.py``.
+``runners/__main__.py``.
 
 - regular wheel: ``build_py`` writes the ``.pth`` into ``build_lib`` and lists it in its outputs;
 - editable wheel: setuptools ignores extra ``build_py`` outputs there, so ``editable_wheel``

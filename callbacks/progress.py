@@ -6,7 +6,7 @@ and, with stdout redirected to a file (SLURM, nohup), a live bar prints nothing 
 ``StepProgressBar`` counts optimizer steps to ``trainer.estimated_stepping_batches`` (``max_steps``)
 over the whole fit, resumes included. ``PlainProgress`` prints one line every ``every_n_steps``
 optimizer steps: step, loss, learning rate, tokens/s, elapsed time and ETA, plus one line per
-validation. ``progress_callbacks`` picks between them; the CLI (``vlm.lightning_cli``) applies it.
+validation. ``progress_callbacks`` picks between them; the CLI (``runners.cli``) applies it.
 """
 
 from __future__ import annotations

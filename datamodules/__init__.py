@@ -1,6 +1,8 @@
-"""LightningDataModules and dataset readers: shards -> ``Sample`` -> processor -> packed batches."""
+"""LightningDataModules and dataset readers: shards -> ``Sample`` -> processor -> packed batches;
+benchmark prompts (``EvalDataModule``)."""
 
 from datamodules.datamodule import VLMDataModule
+from datamodules.evaluation import EvalDataModule
 from datamodules.sample import Sample
 
-__all__ = ["Sample", "VLMDataModule"]
+__all__ = ["EvalDataModule", "Sample", "VLMDataModule"]

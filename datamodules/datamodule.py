@@ -10,7 +10,7 @@ shards (``datamodules.index``). The DataModule's own ``state_dict`` keeps what c
 (mixture weights, maximum resolution, row length), restored before the loader is built.
 Validation data (``val_sources``) is read once, in order, per validation run: packed like
 training (``val/loss``) or, with ``val_generate``, as
-one prompt per question of each conversation (``val/acc``, see ``GenerationValDataset``).
+one prompt per question of each conversation (``val/acc``, see ``datamodules.held_out``).
 ``synthetic`` / ``val_synthetic`` write miniature shards (``datamodules.synthetic.write_shards``)
 under ``data_root`` in ``prepare_data`` when they are absent (the CPU demo).
 """
@@ -29,9 +29,10 @@ from typing import Any, Literal
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.encoding import Mode, SampleEncoder
+from datamodules.held_out import QuestionDataset
 from datamodules.index import index_shards
 from datamodules.mixture import MixtureConfig, SourceConfig
 from datamodules.packing import RowPacker, collate_rows
@@ -41,11 +42,10 @@ from datamodules.sources.base import RecordStats, get_reader, read_shard, shard_
 from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
-from vlm.config import IMAGE_TOKEN
+from vlm.evaluation.batch import collate_prompts
 from vlm.language_model import load_tokenizer
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
-from vlm.processing.processor import prompt_inputs
-from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
+from vlm.processing.text import Fusion, image_placeholder_token_ids
 
 #: Seed offset of ``val_synthetic`` shards: validation records come from another random stream than
 #: the training ones (``synthetic``, written with ``seed``), so they are held out.
@@ -109,85 +109,6 @@ class PackedSequence(IterableDataset):
             yield from self.packer.rows(window)
 
 
-@dataclasses.dataclass(frozen=True)
-class Question:
-    """One held-out question: the sample's images, the question (``<image>`` placeholders included)
-    and its reference answer (``""``: none)."""
-
-    key: str
-    images: list
-    question: str
-    answer: str
-    max_image_resolution: int | None = None
-
-
-def questions_of(sample: Sample, max_questions: int | None = None) -> list[Question]:
-    """Each (question, answer) turn of a conversation sample as a stand-alone ``Question``.
-
-    The prompt is the images and that one question only (no earlier turns: an earlier question such
-    as "How many circles...?" would give away the answer to "What shape is drawn?"). The images go
-    before the question unless the question places them with ``<image>`` (as ``SampleEncoder``).
-    A question's key is the sample's, with ``#<turn index>`` when the sample has several turns.
-    """
-    images = sample.images
-    placed = any(IMAGE_TOKEN in user for user, _ in sample.turns)
-    out = []
-    for index, (user, answer) in enumerate(sample.turns[:max_questions]):
-        if images and not placed:
-            user = IMAGE_TOKEN * len(images) + user
-        elif placed and user.count(IMAGE_TOKEN) != len(images):
-            continue  # images placed in another turn: this question alone does not show them
-        resolution = sample.meta.get("max_image_resolution")
-        key = sample.key if len(sample.turns) == 1 else f"{sample.key}#{index}"
-        out.append(Question(key, images, user, answer, resolution))
-    return out
-
-
-class GenerationValDataset(Dataset):
-    """Held-out questions (``questions_of`` every sample of the validation stream, read once)."""
-
-    def __init__(self, samples: SequentialStream, max_questions_per_sample: int | None = None) -> None:
-        self.samples = samples
-        self.max_questions_per_sample = max_questions_per_sample
-
-    @cached_property
-    def questions(self) -> list[Question]:
-        return [q for s in self.samples for q in questions_of(s, self.max_questions_per_sample)]
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, index: int) -> Question:
-        return self.questions[index]
-
-
-def collate_questions(questions: list[Question], processor: VLMProcessor) -> dict[str, Any]:
-    """A generation batch: ``answers``, the questions' ``keys`` and texts (``questions``) and the
-    left-padded chat prompts up to ``Assistant:`` as ``prompt_input_ids``, ``prompt_attention_mask``
-    and, with images, ``prompt_pixel_values``, ``prompt_pixel_attention_mask``,
-    ``prompt_tiles_per_sample``, ``prompt_tiles_per_image`` (what ``VLMModule.validation_step`` and
-    ``VLMModule.predict_step`` read)."""
-    limits = {q.max_image_resolution for q in questions} - {None}
-    if limits and min(limits) < processor.image_processor.longest_edge:
-        image_processor = dataclasses.replace(processor.image_processor, longest_edge=min(limits))
-        processor = VLMProcessor(
-            processor.tokenizer, image_processor, processor.image_seq_len, fusion=processor.fusion
-        )
-    # Only the user message: the template then appends the generation prompt "Assistant:".
-    conversations = [turns_to_messages([(q.question, "")])[:1] for q in questions]
-    images = [q.images for q in questions] if any(q.images for q in questions) else None
-    out = processor.encode_conversations(
-        conversations, images, add_generation_prompt=True, padding_side="left"
-    )
-    batch: dict[str, Any] = {
-        "answers": [q.answer for q in questions],
-        "keys": [q.key for q in questions],
-        "questions": [q.question for q in questions],
-    }
-    batch.update(prompt_inputs(out))
-    return batch
-
-
 class VLMDataModule(LightningDataModule):
     """Packed, resumable VLM batches from a mixture of sources (``SourceConfig`` dicts, as in YAML).
 
@@ -211,11 +132,11 @@ class VLMDataModule(LightningDataModule):
       divide the global batch, a multiple of the device count). ``shard_io``: ``ShardIO`` options for
       remote training shards (retries, backoff, a local shard cache with a size cap); validation
       shards are read whole with the default ones.
-    - ``val_generate``: validation batches are generation prompts with ``answers`` (``val/acc``,
-      exact match) built from the conversations of ``val_sources``, one per question (at most
+    - ``val_generate``: validation batches are ``PromptBatch``es (``val/acc``, exact match; see
+      ``vlm.evaluation.scoring``) built from the conversations of ``val_sources``, one per question (at most
       ``val_max_questions_per_sample`` per sample), instead of packed rows (``val/loss``).
     - ``predict_sources`` (default: ``val_sources``): the questions ``python -m lightning predict``
-      answers, one per question of each conversation as ``val_generate`` (``questions_of``), in
+      answers, one per question of each conversation as ``val_generate`` (``question_items``), in
       batches of ``val_batch_size``; any source, e.g. ``{source: questions, urls: q.jsonl}`` for a
       JSON-lines file of ``{id, images, question, answer?}`` (``datamodules.sources.questions``).
       ``weight`` and ``max_seq_len`` may be left out of these.
@@ -260,7 +181,7 @@ class VLMDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         # In checkpoints, so that a model can be exported or served with the processor it was trained
-        # with (vlm.export); not logged (the model's hyper-parameters are).
+        # with (runners.export); not logged (the model's hyper-parameters are).
         self.save_hyperparameters(logger=False)
         if (synthetic or val_synthetic) and data_root is None:
             raise ValueError("synthetic / val_synthetic need data_root (where the shards are written).")
@@ -417,9 +338,9 @@ class VLMDataModule(LightningDataModule):
 
     def _questions_loader(self, samples: SequentialStream) -> DataLoader:
         return DataLoader(
-            GenerationValDataset(samples, self.val_max_questions_per_sample),
+            QuestionDataset(samples, self.val_max_questions_per_sample),
             batch_size=self.val_batch_size,
-            collate_fn=partial(collate_questions, processor=self.processor),
+            collate_fn=partial(collate_prompts, processor=self.processor),
             num_workers=0,  # the questions are read once, in the main process
         )
 

@@ -16,8 +16,7 @@ import os
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import LightningModule
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor
 from torch.optim import AdamW
@@ -26,7 +25,6 @@ from torch.utils.hooks import RemovableHandle
 from transformers import AutoModelForImageTextToText
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from callbacks.predictions import PredictionWriter
 from lit_modules.optim import LRSchedule, Schedule, param_groups
 from lit_modules.policy import TrainingPolicy, apply_policy, merge_adapters, new_token_rows
 from lit_modules.sharding import checkpoint_blocks, compile_decoder_blocks, shard, train_rows_sharded
@@ -38,16 +36,16 @@ from vlm.config import (
     VLMConfig,
     get_preset,
 )
+from vlm.evaluation.batch import PromptBatch, generation_inputs
+from vlm.evaluation.scoring import PromptScorer, held_out_accuracy
 from vlm.generation import GenerationSettings, generate_answers
 from vlm.hf import from_transformers as convert_from_transformers
 from vlm.language_model import load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
 from vlm.processing import load_tiny_tokenizer
-from vlm.processing.processor import GENERATION_INPUTS
 
 Fusion = Literal["autoregressive", "cross_attention"]
 FORWARD_KEYS = frozenset(inspect.signature(VisionLanguageModel.forward).parameters) - {"self"}
-PROMPT_PREFIX = "prompt_"
 
 # The hyper-parameters saved in checkpoints hold these dataclasses: let Lightning's weights-only
 # checkpoint loading (the default of torch >= 2.6) accept them.
@@ -63,11 +61,6 @@ torch.serialization.add_safe_globals(
         GenerationSettings,
     ]
 )
-
-
-def normalize_answer(text: str) -> str:
-    """Exact-match normalisation of ``val/acc``: surrounding whitespace stripped, lower case."""
-    return text.strip().lower()
 
 
 class VLMModule(LightningModule):
@@ -89,8 +82,9 @@ class VLMModule(LightningModule):
     ``max_steps`` (default: the trainer's ``estimated_stepping_batches``); a stage transition replaces
     the policy (``set_policy``) and the schedule (``set_lr_schedule``). A step whose loss is
     not finite is skipped (counted in ``train/nonfinite_steps``); ``max_nonfinite_steps``
-    consecutive ones stop the run. Validation: ``val/loss`` on batches with ``labels``,
-    ``val/acc`` on batches with ``answers`` (see ``validation_step``). Prediction (``predict_step``,
+    consecutive ones stop the run. Validation: ``val/loss`` on batches with ``labels``; prompt
+    batches (``vlm.evaluation.batch.PromptBatch``) are answered and scored by ``prompt_scorer``:
+    ``val/acc`` or the DataModule's own (see ``validation_step``). Prediction (``predict_step``,
     ``python -m lightning predict``): answers decoded with ``predict_generation``
     (``vlm.generation.GenerationSettings``: greedy by default).
     Scale: ``activation_checkpointing`` recomputes each block's activations in backward (any
@@ -146,6 +140,7 @@ class VLMModule(LightningModule):
         self.consecutive_nonfinite = 0
         self.total_nonfinite = 0
         self._skip_backward = False
+        self.prompt_scorer: PromptScorer | None = None  # of the current validation run
         self._weights_from_path: set[int] = set()  # ids of parameters as loaded from a path, unchanged
 
     # --- model ----------------------------------------------------------------------------
@@ -316,37 +311,41 @@ class VLMModule(LightningModule):
         if not self._skip_backward:
             super().backward(loss, *args, **kwargs)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """``val/loss`` when the batch has ``labels``; ``val/acc`` when it has ``answers``.
+    def on_validation_epoch_start(self) -> None:
+        """Choose how prompt batches are scored, unless a callback did: the DataModule's
+        ``prompt_scorer()`` if it has one (``EvalDataModule``), else ``held_out_accuracy`` (``val/acc``)."""
+        if self.prompt_scorer is None:
+            make = getattr(self.trainer.datamodule, "prompt_scorer", held_out_accuracy)
+            self.prompt_scorer = make()
+        self.prompt_scorer.to(self.device)
 
-        Generation-based accuracy reads ``answers`` (list[str], one per row) and the prompt tensors
-        under the ``prompt_`` prefix: ``prompt_input_ids`` and ``prompt_attention_mask`` (left
-        padded), and as needed ``prompt_pixel_values``, ``prompt_pixel_attention_mask``,
-        ``prompt_tiles_per_sample``, ``prompt_tiles_per_image`` (the ``generate`` arguments). Greedy
-        decoding of ``val_max_new_tokens`` tokens, stopping at eos / ``<end_of_utterance>``; the
-        decoded text and the answer must be equal after ``normalize_answer``.
-        """
+    def validation_step(self, batch: dict[str, Any] | PromptBatch, batch_idx: int) -> None:
+        """``val/loss`` when the batch has ``labels``; a prompt batch (``prompt_*`` inputs, left padded)
+        is answered by ``generate_answers`` (greedy, ``val_max_new_tokens`` tokens, stopping at eos /
+        ``<end_of_utterance>``) and scored by ``prompt_scorer`` (``vlm.evaluation.scoring``)."""
         if "labels" in batch:
             loss = self(**batch, return_logits=False).loss
             self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        if "answers" in batch and self.tokenizer is not None:
-            predictions = self.generate_answers(batch)
-            hits = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, batch["answers"])]
-            acc = torch.tensor(sum(hits) / len(hits), device=self.device)
-            self.log("val/acc", acc, prog_bar=True, batch_size=len(hits), sync_dist=True)
+        if "prompt_input_ids" in batch and self.tokenizer is not None:
+            self.prompt_scorer(batch, self.generate_answers)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the prompt score (``prompt_scorer.name``: ``val/acc``, ``eval/<benchmark>/<metric>``)."""
+        scorer, self.prompt_scorer = self.prompt_scorer, None
+        if scorer is not None and scorer.records:
+            self.log(scorer.name, scorer.compute(), prog_bar=True)
 
     def generate_answers(
-        self, batch: dict[str, Any], settings: GenerationSettings | None = None
+        self, batch: dict[str, Any] | PromptBatch, settings: GenerationSettings | None = None
     ) -> list[str]:
         """Answers (decoded, special tokens dropped) to the batch's ``prompt_*`` tensors, decoded with
         ``settings`` (default: greedy, ``val_max_new_tokens``)."""
-        inputs = {k: batch[PROMPT_PREFIX + k] for k in GENERATION_INPUTS if PROMPT_PREFIX + k in batch}
         if settings is None:
             settings = GenerationSettings(max_new_tokens=self.hparams.val_max_new_tokens)
-        return generate_answers(self.model, self.tokenizer, inputs, settings)
+        return generate_answers(self.model, self.tokenizer, generation_inputs(batch), settings)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        """One record per question of a prediction batch (``datamodules.datamodule.collate_questions``):
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, str]]:
+        """One record per question of a prediction batch (``datamodules.held_out``):
         ``id`` (the record's key in its shard, e.g. a question file's ``id``), ``shard`` (the shard's name
         relative to the source's root), ``prompt`` (the question), ``answer`` (decoded with
         ``predict_generation``) and, when the source has one, the ``reference`` answer."""
@@ -354,22 +353,14 @@ class VLMModule(LightningModule):
             raise ValueError("Prediction decodes answers with the tokenizer: set model.tokenizer.")
         answers = self.generate_answers(batch, self.predict_generation)
         records = []
-        rows = zip(batch["keys"], batch["questions"], answers, batch["answers"])
-        for key, question, answer, reference in rows:
+        rows = zip(batch["ids"], batch["questions"], answers, batch["references"])
+        for key, question, answer, references in rows:
             shard, _, record_id = key.partition("#")  # sample keys are "<shard name>#<record key>"
             record = {"id": record_id, "shard": shard, "prompt": question, "answer": answer}
-            if reference:
-                record["reference"] = reference
+            if references and references[0]:
+                record["reference"] = references[0]
             records.append(record)
         return records
-
-    def configure_callbacks(self) -> list[Callback]:
-        """When predicting, a ``PredictionWriter`` (``predictions.jsonl`` in the trainer's
-        ``default_root_dir``) unless the trainer has one already (configured with its own ``output``)."""
-        predicting = self.trainer.state.fn == TrainerFn.PREDICTING
-        if predicting and not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
-            return [PredictionWriter()]
-        return []
 
     # --- optimisation ---------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
-"""The ablation axes (``configs/ablations/*.yaml``) and their runner (``python -m vlm.ablate``).
+"""The ablation axes (``configs/ablations/*.yaml``) and their runner (``python -m runners.ablate``).
 
 - One axis file per ablation table of the Idefics2 paper, citing the paper's numbers (checked against a
   transcription of the tables here).
-- Every variant of every axis resolves at full scale through ``fit --print_config`` (``vlm.cli.main``),
+- Every variant of every axis resolves at full scale through ``fit --print_config`` (``runners.cli.main``),
   with its overrides in the resolved config; the fusion variants build on the ``meta`` device with the
   paper's trainable-parameter counts (§3.2); every connector gives the visual-token count the data expects.
 - Every tiny twin builds on the CPU and answers a held-out question through its own processor; the
@@ -28,8 +28,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from lit_modules import VLMModule
-from vlm import ablate
-from vlm.ablate import Axis, apply_overrides, get_override, load_axis, set_override
+from runners import ablate
+from runners.ablate import Axis, apply_overrides, get_override, load_axis, set_override
 
 ROOT = Path(__file__).resolve().parents[1]
 AXES = {path.stem: load_axis(path) for path in ablate.axis_files()}
@@ -152,7 +152,7 @@ def print_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(("axis", "variant"), FULL_VARIANTS, ids=[f"{a}-{v}" for a, v in FULL_VARIANTS])
 def test_full_scale_variant_resolves_through_lightning_cli(axis, variant, print_dir, monkeypatch):
-    """``fit --config <base + overrides> --print_config`` through ``vlm.cli.main``, offline, without
+    """``fit --config <base + overrides> --print_config`` through ``runners.cli.main``, offline, without
     DATA_ROOT; every override is in the resolved config (``+`` items among the list's)."""
     monkeypatch.delenv("DATA_ROOT", raising=False)
     config = printed(axis, variant, False, print_dir)
@@ -270,9 +270,10 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     """The tiny variant's module (built as the CLI resolves it) generates an answer to a held-out-style
     question encoded by the variant's own processor; its policy freezes what it says."""
     from datamodules import VLMDataModule
-    from datamodules.datamodule import Question, collate_questions
     from datamodules.synthetic_content import draw_scene, random_scene
     from vlm.config import IMAGE_TOKEN
+    from vlm.evaluation.batch import PromptItem, collate_prompts
+    from vlm.evaluation.prompts import Document
 
     config = printed(axis, variant, True, print_dir)
     module = build_module(config["model"]["init_args"], device="cpu", weights=True)
@@ -291,7 +292,8 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     scene = random_scene(rng)
     question, answer = scene.qa_pairs()[0]
     image = draw_scene(scene, rng)
-    batch = collate_questions([Question("k", [image], IMAGE_TOKEN + question, answer)], data.processor)
+    item = PromptItem("k", [Document([image], IMAGE_TOKEN + question)], [answer])
+    batch = collate_prompts([(0, item)], data.processor)
     module.eval()
     with torch.no_grad():
         (prediction,) = module.generate_answers(batch)
@@ -348,7 +350,7 @@ def check_run(axis: str, rows: list[dict], paths: dict[str, Path], steps: int) -
 
 @pytest.mark.parametrize("axis", COMMITTED)
 def test_runner_trains_and_evaluates_every_variant(axis, tmp_path, monkeypatch):
-    """The committed axes end to end at 2 steps on a few conversations: fit through ``vlm.cli.main``,
+    """The committed axes end to end at 2 steps on a few conversations: fit through ``runners.cli.main``,
     held-out generation accuracy per question type, and (connector) 0- and 2-shot runs through
     ``EvalDataModule``; the table and the plot."""
     monkeypatch.chdir(tmp_path)
@@ -407,7 +409,7 @@ def test_committed_results_are_the_runners(axis):
         paper = spec.variant(row["variant"])["paper"]
         assert row["paper"] == ("" if paper is None else str(paper))
     text = (folder / f"{axis}_tiny.md").read_text()
-    assert f"python -m vlm.ablate configs/ablations/{axis}.yaml --tiny" in text
+    assert f"python -m runners.ablate configs/ablations/{axis}.yaml --tiny" in text
     assert (folder / f"{axis}_tiny.png").read_bytes()[:4] == b"\x89PNG"
     docs = (ROOT / "docs" / "ABLATIONS.md").read_text()
     assert f"ablations/{axis}_tiny.md" in docs and f"configs/ablations/{axis}.yaml --tiny" in docs

@@ -1,4 +1,4 @@
-"""The command line: ``python -m lightning ...`` and ``python -m vlm ...`` (subprocess tests).
+"""The command line: ``python -m lightning ...`` and ``python -m runners ...`` (subprocess tests).
 
 ``python -m lightning`` only works once the project is pip-installed (``pip install -e .`` or
 ``pip install .``): the installed ``idefics_lightning_main.pth`` imports ``_idefics_lightning_hook``
@@ -81,10 +81,10 @@ def test_hook_finder_answers_only_lightning_main():
     finder = hook.LightningMainFinder
     assert finder.find_spec("lightning") is None
     assert finder.find_spec("lightning.pytorch") is None
-    assert finder.find_spec("vlm.__main__") is None
+    assert finder.find_spec("runners.__main__") is None
     spec = finder.find_spec("lightning.__main__")
     assert spec is not None and spec.name == "lightning.__main__"
-    assert Path(spec.origin).name == "cli.py" and Path(spec.origin).parent.name == "vlm"
+    assert Path(spec.origin).name == "__main__.py" and Path(spec.origin).parent.name == "runners"
     hook.install()
     hook.install()
     assert sum(getattr(f, "__name__", None) == "LightningMainFinder" for f in sys.meta_path) == 1
@@ -195,13 +195,13 @@ def test_fit_ddp_relaunch(hook_installed, tmp_path):
     assert json.loads(marker.read_text())["global_step"] == 2
 
 
-# ------------------------------------------ python -m vlm (works without an install too)
+# ------------------------------------------ python -m runners (works without an install too)
 
 
-def test_vlm_main_is_the_same_entry(tmp_path):
-    result = _run(["-m", "vlm", "fit", "--help"], tmp_path, ROOT)
+def test_runners_main_is_the_same_entry(tmp_path):
+    result = _run(["-m", "runners", "fit", "--help"], tmp_path, ROOT)
     assert result.returncode == 0, result.stderr
-    assert "python -m vlm" in result.stdout
+    assert "python -m runners" in result.stdout
     for option in ("--config", "--print_config", "--trainer.max_steps", "--model", "--data", "--ckpt_path"):
         assert option in result.stdout
 

@@ -18,12 +18,13 @@ import torch
 import yaml
 
 from datamodules import VLMDataModule
-from datamodules.datamodule import collate_questions, questions_of
+from datamodules.held_out import question_items
 from datamodules.sample import Sample
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
-from vlm.cli import main
+from runners.cli import main
 from vlm.config import IMAGE_TOKEN
+from vlm.evaluation.batch import collate_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -146,12 +147,12 @@ def test_generation_batches_are_left_padded_prompts_without_the_answer(tmp_path)
     scene = random_scene(rng)
     turns = [*scene.qa_pairs(), ("Are the shapes all of the same colour as each other?", "yes")]
     sample = Sample("cauldron", "k", [draw_scene(scene, rng)], turns=turns)
-    questions = questions_of(sample)
-    assert [q.answer for q in questions] == [a for _, a in turns]
+    questions = question_items(sample)
+    assert [q.references for q in questions] == [[a] for _, a in turns]
     assert all(q.question.startswith(IMAGE_TOKEN) and q.question.count(IMAGE_TOKEN) == 1 for q in questions)
     data = VLMDataModule([], image_seq_len=8, image_processor={"shortest_edge": 32, "longest_edge": 48})
-    batch = collate_questions(questions, data.processor)
-    assert batch["answers"] == [a for _, a in turns]
+    batch = collate_prompts(list(enumerate(questions)), data.processor)
+    assert batch["references"] == [[a] for _, a in turns]
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     assert mask[:, -1].all() and not mask[:, 0].all()  # left padded (the prompts differ in length)
     assert batch["prompt_tiles_per_sample"].tolist() == [1, 1, 1, 1]

@@ -1,6 +1,6 @@
 """Benchmark evaluation (``vlm.evaluation``): prompts, readers of the Hub layouts, few-shot selection, and
 the Lightning path (``EvalDataModule`` + ``BenchmarkEvaluation``) end to end on miniature fake benchmarks
-with a random idefics2-tiny model, through the Python API and ``vlm.cli.main(["validate", ...])``."""
+with a random idefics2-tiny model, through the Python API and ``runners.cli.main(["validate", ...])``."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
+from callbacks import BenchmarkEvaluation
+from datamodules import EvalDataModule
 from lit_modules import VLMModule
-from vlm.cli import main
+from runners.cli import main
 from vlm.config import IMAGE_TOKEN
 from vlm.evaluation import (
     BENCHMARKS,
-    BenchmarkEvaluation,
-    EvalDataModule,
     apply_stop_words,
-    collate_prompts,
     documents,
     format_prompt,
     get_benchmark,
     select_shots,
     write_fake_benchmark,
 )
+from vlm.evaluation.batch import collate_prompts
 from vlm.evaluation.benchmarks import Example
 from vlm.evaluation.fakes import MAKERS
 from vlm.evaluation.fewshot import shot_answer
@@ -106,7 +106,8 @@ def test_chat_prompt_is_the_training_template(fakes):
     dm = EvalDataModule(
         "textvqa", files(fakes, "textvqa"), files(fakes, "textvqa", "train"), num_shots=2, **TINY_DATA
     )
-    index, docs = dm.dataset()[0]
+    index, item = dm.dataset()[0]
+    docs = item.documents
     shots = select_shots(dm.examples[0], dm.support, 2, 0)
     turns = [(IMAGE_TOKEN + format_prompt("vqa", s.question), s.answers[0]) for s in shots]
     turns.append((IMAGE_TOKEN + format_prompt("vqa", dm.examples[0].question), "blue"))
@@ -116,7 +117,7 @@ def test_chat_prompt_is_the_training_template(fakes):
     assert training_text == prompt + " blue<end_of_utterance>\n"
     images = [[image for s in [*shots, dm.examples[0]] for image in s.images]]
     training = dm.processor.encode_conversations([turns_to_messages(turns)], images)
-    batch = collate_prompts([(index, docs)], dm.processor, chat=True)
+    batch = collate_prompts([(index, item)], dm.processor, chat=True)
     n = batch["prompt_input_ids"].shape[1]
     assert torch.equal(batch["prompt_input_ids"][0], training["input_ids"][0, :n])
     assert dm.processor.tokenizer.decode(training["input_ids"][0, n:]).strip() == "blue<end_of_utterance>"
@@ -210,7 +211,7 @@ class Oracle(VLMModule):
     """Generates each example's most frequent reference, then a stop word and more text."""
 
     def generate_answers(self, batch: dict) -> list[str]:
-        examples = [self.trainer.datamodule.examples[i] for i in batch["example_index"]]
+        examples = [self.trainer.datamodule.examples[i] for i in batch["indices"]]
         return [f" {shot_answer(ex)}\nQuestion: what else?" for ex in examples]
 
 
@@ -301,5 +302,5 @@ def test_every_eval_config_fits_its_benchmark(config):
     assert data["files"] == f"${{EVAL_DATA}}/{benchmark.name}/{benchmark.split}-*.parquet"
     assert EvalDataModule(**data).benchmark is benchmark
     (callback,) = parsed["trainer"]["callbacks"]
-    assert callback["class_path"] == "vlm.evaluation.BenchmarkEvaluation"
+    assert callback["class_path"] == "callbacks.BenchmarkEvaluation"
     BenchmarkEvaluation(**callback["init_args"])

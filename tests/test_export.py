@@ -1,4 +1,4 @@
-"""``python -m vlm.export``: a Lightning checkpoint with LoRA/DoRA adapters (and frozen weights left out
+"""``python -m runners.export``: a Lightning checkpoint with LoRA/DoRA adapters (and frozen weights left out
 of it, read again from their path) becomes a transformers Idefics2/Idefics3 folder that
 ``AutoModelForImageTextToText`` + ``AutoProcessor`` load offline and that generates the checkpoint's
 tokens; a cross-attention model is saved in this project's format with equal logits."""
@@ -17,8 +17,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from datamodules import VLMDataModule
 from datamodules.synthetic import write_shards
 from lit_modules import TrainingPolicy, VLMModule
+from runners.export import export, load_checkpoint, main
 from vlm.config import get_preset
-from vlm.export import export, load_checkpoint, main
 from vlm.generation import stop_token_ids
 from vlm.model import VisionLanguageModel
 from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer

@@ -268,10 +268,13 @@ def test_validation_logs_loss_and_exact_match_accuracy():
     batch = {"prompt_input_ids": prompts.input_ids, "prompt_attention_mask": prompts.attention_mask}
     predictions = module.generate_answers(batch)
     ids = tokenizer(["a red circle"], return_tensors="pt").input_ids
+    texts = ["a red circle", "two blue squares"]
     batch |= {
         "input_ids": ids,
         "labels": ids,
-        "answers": [f"  {predictions[0].upper()} ", predictions[1] + "x"],
+        "references": [[f"  {predictions[0].upper()} "], [predictions[1] + "x"]],
+        **{"indices": [0, 1], "ids": texts, "prompts": texts, "questions": texts},
+        **{"stop_words": [[], []], "records": [{}, {}]},
     }
     metrics = trainer(1).validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)[0]
     assert metrics["val/acc"] == pytest.approx(0.5) and metrics["val/loss"] > 0

@@ -1,4 +1,4 @@
-"""The lmms-eval adapter (``vlm.evaluation.lmms_eval_adapter``): a checkpoint of a random idefics2-tiny model,
+"""The lmms-eval adapter (``runners.lmms_eval``): a checkpoint of a random idefics2-tiny model,
 scored through lmms-eval-style requests, gets the prompts (text and token ids) of ``EvalDataModule`` and of
 training's chat template, and the generations of ``BenchmarkEvaluation``; the name ``idefics_lightning``
 resolves through lmms-eval's registries. The requests are real ``lmms_eval.api.instance.Instance`` objects
@@ -18,24 +18,24 @@ from lightning.pytorch import Trainer
 from PIL import Image
 from test_evaluation import TINY_DATA, files, tiny_module
 
-from vlm.config import END_OF_UTTERANCE_TOKEN, IMAGE_TOKEN
-from vlm.evaluation import (
-    STOP_WORDS,
-    BenchmarkEvaluation,
-    EvalDataModule,
-    apply_stop_words,
-    documents,
-    format_prompt,
-    get_benchmark,
-    write_fake_benchmark,
-)
-from vlm.evaluation.lmms_eval_adapter import (
+from callbacks import BenchmarkEvaluation
+from datamodules import EvalDataModule
+from runners.lmms_eval import (
     CLASS_PATH,
     LMMS_EVAL_AVAILABLE,
     LMMS_EVAL_IMPORT_ERROR,
     MODEL_NAME,
     IdeficsLightning,
     lmms_eval_prompt_kwargs,
+)
+from vlm.config import END_OF_UTTERANCE_TOKEN, IMAGE_TOKEN
+from vlm.evaluation import (
+    STOP_WORDS,
+    apply_stop_words,
+    documents,
+    format_prompt,
+    get_benchmark,
+    write_fake_benchmark,
 )
 from vlm.processing.text import apply_chat_template, turns_to_messages
 
@@ -147,10 +147,11 @@ def test_prompts_are_the_harness_and_the_training_template(bench, adapters, name
     ours = model.prompt_batch([model.documents(r) for r in requests])
     datamodule = EvalDataModule(name, files(bench, name), chat=chat, batch_size=len(requests), **TINY_DATA)
     (theirs,) = list(datamodule.val_dataloader())
-    assert sorted(ours) == sorted(theirs)
-    assert "prompt_pixel_values" in ours and ours["prompts"] == theirs["prompts"]
+    assert sorted(ours) == sorted(theirs)  # the same PromptBatch; references and records are the harness'
+    assert "prompt_pixel_values" in ours
+    assert ours["prompts"] == theirs["prompts"] and ours["questions"] == theirs["questions"]
     for key, value in theirs.items():
-        assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, key
+        assert not isinstance(value, torch.Tensor) or torch.equal(ours[key], value), key
     for i, example in enumerate(datamodule.examples):
         docs = model.documents(requests[i])
         text = IMAGE_TOKEN + format_prompt(get_benchmark(name).prompt, example.question, example.choices)
@@ -272,7 +273,7 @@ def test_registered_with_lmms_eval(checkpoint, tmp_path, monkeypatch):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: idefics-lightning-plugin\nVersion: 0.0\n")
     (dist / "entry_points.txt").write_text(
-        f"[lmms_eval.models]\n{MODEL_NAME} = vlm.evaluation.lmms_eval_adapter:lmms_eval_manifest\n"
+        f"[lmms_eval.models]\n{MODEL_NAME} = runners.lmms_eval:lmms_eval_manifest\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = _initialize_model_registry()

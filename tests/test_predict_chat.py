@@ -1,6 +1,6 @@
 """Inference on the CPU demo: ``lightning predict`` writes one answer per question to
 ``predictions.jsonl`` (the validation questions, or a JSON-lines question file), and ``python -m
-vlm.chat`` answers about an image in a subprocess, from a checkpoint or an exported folder, with the
+runners.chat`` answers about an image in a subprocess, from a checkpoint or an exported folder, with the
 same greedy answer as prediction and the conversation kept across turns."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from datamodules import VLMDataModule
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
 from lit_modules import VLMModule
-from vlm.chat import Chat, load_model_dir
-from vlm.cli import main
-from vlm.export import export
+from runners.chat import Chat
+from runners.cli import main
+from runners.export import export
+from vlm.hf import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What shape is drawn?"
@@ -63,7 +64,7 @@ def predict(tmp_path: Path, ckpt: Path, out_dir: Path, *extra: str) -> list[dict
 def chat(*args: str, stdin: str | None = None) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "vlm.chat", "--max_new_tokens", "4", *args],
+        [sys.executable, "-m", "runners.chat", "--max_new_tokens", "4", *args],
         input=stdin or "",
         capture_output=True,
         text=True,

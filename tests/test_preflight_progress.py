@@ -1,5 +1,5 @@
 """The CLI before and while training: a full recipe on a machine without its GPUs, weights or data stops
-at once with a message (``vlm.preflight``); progress shows as plain lines when stdout is a file and as
+at once with a message (``runners.preflight``); progress shows as plain lines when stdout is a file and as
 a bar over optimizer steps on a terminal (``callbacks.progress``)."""
 
 import os
@@ -100,7 +100,7 @@ def test_progress_callbacks_follow_stdout():
 
 
 def test_preflight_report_reads_the_config(tmp_path, monkeypatch):
-    from vlm.preflight import preflight_report
+    from runners.preflight import preflight_report
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(b"")

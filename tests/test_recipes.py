@@ -35,7 +35,7 @@ from lightning.pytorch import Callback
 from callbacks import NEFTune, StageTransition
 from callbacks.stages import Stage
 from lit_modules import TrainingPolicy, VLMModule
-from vlm.cli import main
+from runners.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -202,7 +202,7 @@ def check_subprocesses(names: tuple[str, ...], cwd: Path) -> None:
 
 @pytest.mark.parametrize("name", FULL)
 def test_full_recipe_resolves_with_the_papers_numbers(name, tmp_path, capsys, monkeypatch):
-    """The CLI entry point (``vlm.cli.main``, what ``python -m lightning`` runs) in this process: ``fit
+    """The CLI entry point (``runners.cli.main``, what ``python -m lightning`` runs) in this process: ``fit
     --print_config`` exits 0 offline and prints the recipe."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DATA_ROOT", raising=False)

@@ -19,8 +19,8 @@ from lightning.pytorch.cli import LightningCLI
 from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from runners.cli import main
 from vlm import smollm2
-from vlm.cli import main
 from vlm.config import END_OF_UTTERANCE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]

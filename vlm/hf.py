@@ -5,15 +5,23 @@
 SmolVLM weights) into a ``VisionLanguageModel``; ``to_transformers`` does the reverse. Only the
 module prefixes differ, so the mapping is a prefix swap in both directions.
 ``processor_to_transformers`` gives the ``Idefics2Processor`` / ``Idefics3Processor`` of a
-``VLMProcessor`` (``VLMProcessor.from_transformers`` is the reverse).
+``VLMProcessor`` (``VLMProcessor.from_transformers`` is the reverse). ``save_model_dir`` writes a model and
+its processor as a folder (transformers' format where it has the architecture, else this project's);
+``load_model_dir`` reads either back.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
     Idefics2Config,
     Idefics2ForConditionalGeneration,
     Idefics2Processor,
@@ -26,8 +34,9 @@ from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2I
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 from vlm.config import ConnectorConfig, VisionConfig, VLMConfig
+from vlm.generation import stop_token_ids
 from vlm.language_model import language_config_of, text_dims
-from vlm.model import VisionLanguageModel
+from vlm.model import CONFIG_FILE, VisionLanguageModel
 from vlm.processing import ImageProcessor, VLMProcessor
 from vlm.processing.text import IDEFICS_CHAT_TEMPLATE
 from vlm.vision import siglip_config_kwargs
@@ -245,3 +254,58 @@ def processor_to_transformers(processor: VLMProcessor) -> Idefics2Processor | Id
         image_seq_len=processor.image_seq_len,
         chat_template=IDEFICS_CHAT_TEMPLATE,
     )
+
+
+def save_model_dir(
+    model: VisionLanguageModel, processor: VLMProcessor, out: str | os.PathLike
+) -> Literal["transformers", "vlm"]:
+    """Write ``model`` and ``processor`` to the folder ``out``; returns the format written.
+
+    ``"transformers"``: an Idefics2/Idefics3 folder (``to_transformers`` + ``processor_to_transformers``, a
+    generation config stopping at eos and ``<end_of_utterance>``) for ``AutoModelForImageTextToText`` /
+    ``AutoProcessor``. ``"vlm"``, where ``config_to_transformers`` explains that transformers has no such
+    model: ``VisionLanguageModel.save_pretrained`` with the same processor files.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lost = {
+        name: getattr(processor.image_processor, name)
+        for name, neutral in TRAINING_ONLY_IMAGE_SETTINGS.items()
+        if getattr(processor.image_processor, name) != neutral
+    }
+    if lost:
+        print(f"Note: transformers' image processors have no {lost}; the exported processor goes without.")
+    processor_to_transformers(processor).save_pretrained(out)
+    try:
+        hf_model = to_transformers(model)
+    except ValueError as reason:
+        model.save_pretrained(out)
+        print(
+            f"No transformers folder: {reason}\nSaved in this project's format instead to {out}: "
+            "load it with vlm.model.VisionLanguageModel.from_pretrained."
+        )
+        return "vlm"
+    tokenizer = processor.tokenizer
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    hf_model.save_pretrained(out)
+    print(
+        f"Saved {type(hf_model).__name__} and its processor to {out}: load them with "
+        "AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained."
+    )
+    return "transformers"
+
+
+def load_model_dir(model_dir: str | os.PathLike) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """The model (eval mode) and processor of a folder written by ``save_model_dir`` (either format)."""
+    folder = Path(model_dir)
+    processor = VLMProcessor.from_transformers(AutoProcessor.from_pretrained(folder))
+    if (folder / CONFIG_FILE).is_file():
+        model = VisionLanguageModel.from_pretrained(folder)
+        processor.fusion = model.config.fusion
+    else:
+        model = from_transformers(AutoModelForImageTextToText.from_pretrained(folder))
+    return model.eval(), processor

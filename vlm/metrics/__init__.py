@@ -12,12 +12,14 @@ before any update), except ``CIDEr`` which returns the CIDEr-D value (x10 scale,
 - ``RelaxedAccuracy``: ChartQA relaxed accuracy (pix2struct's ``relaxed_correctness``).
 - ``MultipleChoiceAccuracy``: MMMU / MMBench / AI2D / MMStar accuracy with answer-letter parsing.
 - ``MathVistaAccuracy``: MathVista accuracy with rule-based answer extraction (no LLM judge).
+- ``ExactMatch``: held-out accuracy of training runs (``val/acc``): equal after ``normalize_answer``.
 """
 
 from __future__ import annotations
 
 from vlm.metrics.anls import ANLS, anls_score, levenshtein_distance
 from vlm.metrics.cider import CIDEr, cider_d
+from vlm.metrics.exact_match import ExactMatch, exact_match, normalize_answer
 from vlm.metrics.mathvista import (
     MathVistaAccuracy,
     extract_mathvista_answer,
@@ -38,15 +40,18 @@ from vlm.metrics.vqa import (
 __all__ = [
     "ANLS",
     "CIDEr",
+    "ExactMatch",
     "MathVistaAccuracy",
     "MultipleChoiceAccuracy",
     "RelaxedAccuracy",
     "VQAAccuracy",
     "anls_score",
     "cider_d",
+    "exact_match",
     "extract_mathvista_answer",
     "levenshtein_distance",
     "mathvista_match",
+    "normalize_answer",
     "normalize_mathvista_answer",
     "normalize_vqa_answer",
     "parse_choice_letter",

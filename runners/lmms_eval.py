@@ -1,12 +1,12 @@
 """An lmms-eval model (``idefics_lightning``) that scores any checkpoint of this codebase with that harness.
 
-The prompt is built by the same code as our harness (``vlm.evaluation.lightning``): each lmms-eval
+The prompt is built by the same code as our harness (``vlm.evaluation.batch``): each lmms-eval
 context (the text the task's ``doc_to_text`` produced) becomes the user text of a
-``prompts.Document`` with the request's images, rendered with training's chat template
-(``prompts.chat_messages`` / ``render_chat_text``) or, with ``chat=False``, as plain text for base
-models (``prompts.plain_text``), and batched by ``lightning.collate_prompts``. Generation is
-``VLMModule.generate_answers`` (greedy, stops at eos / ``<end_of_utterance>``), then the text is cut
-by ``prompts.apply_stop_words`` at the paper's stop words plus the task's ``until`` list. Images go
+``prompts.Document`` with the request's images, in a ``PromptItem`` rendered with training's chat
+template or, with ``chat=False``, as plain text for base models, and batched by ``collate_prompts``.
+Generation and cutting are ``vlm.evaluation.scoring.PromptScorer``'s (without a metric: lmms-eval
+scores): ``VLMModule.generate_answers`` (greedy, stops at eos / ``<end_of_utterance>``), then the text is
+cut at the paper's stop words plus the task's ``until`` list. Images go
 before the text unless the context places them with ``<image>`` (like lmms-eval's own ``idefics2``).
 
 Loading: ``pretrained`` is a Lightning checkpoint (``.ckpt``) of ``lit_modules.VLMModule`` (its
@@ -20,7 +20,7 @@ Registration (lmms-eval 0.7.3 resolves ``--model NAME`` in ``lmms_eval.models.ge
 
     [options.entry_points]
     lmms_eval.models =
-        idefics_lightning = vlm.evaluation.lmms_eval_adapter:lmms_eval_manifest
+        idefics_lightning = runners.lmms_eval:lmms_eval_manifest
 
 and importing this module with lmms-eval installed also registers the class with
 ``lmms_eval.api.registry.register_model`` (the decorator lmms-eval's own models use; that legacy
@@ -63,15 +63,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vlm.evaluation.lightning import collate_prompts
-from vlm.evaluation.prompts import (
-    STOP_WORDS,
-    Document,
-    apply_stop_words,
-    format_prompt,
-    plain_text,
-    render_chat_text,
-)
+from lit_modules import VLMModule
+from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts, generation_inputs
+from vlm.evaluation.prompts import STOP_WORDS, Document, format_prompt, plain_text, render_chat_text
+from vlm.evaluation.scoring import PromptScorer
 from vlm.language_model import resolve_path
 from vlm.processing import ImageProcessor, VLMProcessor
 
@@ -142,8 +137,6 @@ def _check_images(images: list[Any]) -> list[Any]:
 def load_module(pretrained: str, tokenizer: str | None = None):
     """A ``VLMModule`` in eval mode from a Lightning checkpoint file or a transformers Idefics2/Idefics3
     folder (``tokenizer``: ``None`` = the checkpoint's tokenizer, or the folder itself)."""
-    from lit_modules import VLMModule  # Lightning-side import, only when a model is loaded
-
     path = Path(resolve_path(pretrained))
     if path.is_dir():
         module = VLMModule(from_transformers=str(path), tokenizer=tokenizer or str(path))
@@ -244,12 +237,17 @@ class IdeficsLightning(_LMMSBase):
         ``batch_size`` requests with the same ``max_new_tokens``, answers in request order."""
         parsed = [self._parse(request) for request in requests]
         answers: list[str | None] = [None] * len(parsed)
+        scorer = PromptScorer(MODEL_NAME, None, STOP_WORDS)
         for max_new_tokens, indices in self._groups(parsed):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                raw = self.generate_raw([parsed[i].documents for i in chunk], max_new_tokens)
-                for i, text in zip(chunk, raw):
-                    answers[i] = apply_stop_words(text, [*STOP_WORDS, *parsed[i].until])
+                items = [
+                    (i, PromptItem(str(i), parsed[i].documents, stop_words=parsed[i].until)) for i in chunk
+                ]
+                batch = collate_prompts(items, self.processor, self.chat)
+                records = scorer(batch, lambda b, n=max_new_tokens: self._generate(b, n))
+                for i, record in zip(chunk, records):
+                    answers[i] = record["prediction"]
         return answers
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
@@ -274,9 +272,10 @@ class IdeficsLightning(_LMMSBase):
         """The documents of a request's prompt: one ``Document`` (the context as user text, the images)."""
         return self._parse(request, loglikelihood=request.request_type == "loglikelihood").documents
 
-    def prompt_batch(self, documents: Sequence[list[Document]]) -> dict[str, Any]:
-        """The left-padded generation batch of ``EvalDataModule`` for these prompts (``collate_prompts``)."""
-        return collate_prompts(list(enumerate(documents)), self.processor, self.chat)
+    def prompt_batch(self, documents: Sequence[list[Document]]) -> PromptBatch:
+        """The ``PromptBatch`` of these prompts, as ``EvalDataModule`` builds it (``collate_prompts``)."""
+        items = [(i, PromptItem(str(i), docs)) for i, docs in enumerate(documents)]
+        return collate_prompts(items, self.processor, self.chat)
 
     def prompt_text(self, documents: list[Document]) -> str:
         """A prompt's text before image expansion (what ``collate_prompts`` records as ``prompts``)."""
@@ -287,7 +286,12 @@ class IdeficsLightning(_LMMSBase):
     ) -> list[str]:
         """``VLMModule.generate_answers`` on ``prompt_batch(documents)`` with ``max_new_tokens`` (``None``:
         the adapter's, else the module's ``val_max_new_tokens``), before stop words."""
-        batch = self._to_device(self.prompt_batch(documents))
+        return self._generate(self.prompt_batch(documents), max_new_tokens)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _generate(self, batch: PromptBatch, max_new_tokens: int | None) -> list[str]:
+        batch = self._to_device(batch)
         hparams = self.module.hparams
         saved = hparams.val_max_new_tokens
         hparams.val_max_new_tokens = max_new_tokens or self.max_new_tokens or saved
@@ -296,8 +300,6 @@ class IdeficsLightning(_LMMSBase):
                 return self.module.generate_answers(batch)
         finally:
             hparams.val_max_new_tokens = saved
-
-    # --- helpers -----------------------------------------------------------------------------
 
     def _parse(self, request: Any, loglikelihood: bool = False) -> _Request:
         args = request.args
@@ -360,9 +362,7 @@ class IdeficsLightning(_LMMSBase):
         if len(continuation_ids) == 0:
             return 0.0, True
         input_ids = torch.cat([prompt_ids, continuation_ids])[None]
-        inputs = {
-            k[len("prompt_") :]: v for k, v in batch.items() if k.startswith("prompt_") and k != "prompts"
-        }
+        inputs = generation_inputs(batch)
         inputs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
         with torch.inference_mode(), self._autocast():
             logits = self.module(**self._to_device(inputs)).logits[0].float()

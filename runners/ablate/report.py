@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vlm.ablate.axis import Axis
+from runners.ablate.axis import Axis
 
 LEADING = ["axis", "variant", "scale", "paper", "val_acc", "acc_count", "acc_colour", "acc_shape", "avg"]
 TRAILING = ["steps", "trainable_params", "total_params", "torch_threads", "fit_seconds", "seconds", "curve"]

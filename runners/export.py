@@ -1,4 +1,5 @@
-"""Export a training checkpoint as a model folder: ``python -m vlm.export --ckpt_path run.ckpt --out dir/``.
+"""Export a training checkpoint as a model folder:
+``python -m runners.export --ckpt_path run.ckpt --out dir/``.
 
 The checkpoint is restored as training would resume it (``VLMModule.load_from_checkpoint``: frozen
 weights the checkpoint left out are read again from their paths), its LoRA/DoRA adapters are merged,
@@ -15,9 +16,8 @@ then:
 
 The processor comes from the data settings stored in the checkpoint (``VLMDataModule``'s
 hyper-parameters); ``--config`` (the training YAML, or the ``config.yaml`` LightningCLI saved beside
-the logs) gives them, and the model's, for a checkpoint without them. As ``vlm/cli.py``, this
-module imports Lightning and the training code (``lit_modules``, ``datamodules``) only when it reads a
-checkpoint, so ``vlm`` stays importable without them.
+the logs) gives them, and the model's, for a checkpoint without them. Writing the folder is
+``vlm.hf.save_model_dir`` (pure: no Lightning); this runner adds reading the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,18 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import yaml
-from transformers import GenerationConfig
 
-from vlm.generation import stop_token_ids
-from vlm.hf import TRAINING_ONLY_IMAGE_SETTINGS, processor_to_transformers, to_transformers
+from datamodules import VLMDataModule
+from lit_modules import VLMModule
+from vlm.hf import save_model_dir
 from vlm.processing import VLMProcessor
-
-if TYPE_CHECKING:
-    from lit_modules import VLMModule
 
 #: How LightningCLI records the class of a module in its hyper-parameters (rebuilt with jsonargparse).
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -61,9 +58,6 @@ def load_checkpoint(
     """The ``VLMModule`` of a checkpoint (eval mode, on the CPU, adapters not merged) and the processor
     of the data it was trained on. ``config``: a LightningCLI YAML whose ``model`` / ``data`` settings
     replace those the checkpoint stores (needed when it stores no data settings)."""
-    from datamodules import VLMDataModule
-    from lit_modules import VLMModule
-
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {ckpt_path}")
@@ -90,47 +84,17 @@ def load_checkpoint(
 def export(
     ckpt_path: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None
 ) -> Literal["transformers", "vlm"]:
-    """Write the checkpoint's model, adapters merged, and its processor to ``out``; returns the format
-    written: ``"transformers"`` or this project's ``"vlm"`` (see the module docstring)."""
+    """Write the checkpoint's model, adapters merged, and its processor to ``out``
+    (``vlm.hf.save_model_dir``); returns the format written: ``"transformers"`` or this project's
+    ``"vlm"``."""
     module, processor = load_checkpoint(ckpt_path, config)
-    merged = module.merge_adapters()
-    model = module.model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lost = {
-        name: getattr(processor.image_processor, name)
-        for name, neutral in TRAINING_ONLY_IMAGE_SETTINGS.items()
-        if getattr(processor.image_processor, name) != neutral
-    }
-    if lost:
-        print(f"Note: transformers' image processors have no {lost}; the exported processor goes without.")
-    processor_to_transformers(processor).save_pretrained(out)
-    try:
-        hf_model = to_transformers(model)
-    except ValueError as reason:
-        model.save_pretrained(out)
-        print(
-            f"No transformers folder: {reason}\nSaved in this project's format instead ({merged} adapted "
-            f"layers merged) to {out}: load it with vlm.model.VisionLanguageModel.from_pretrained."
-        )
-        return "vlm"
-    tokenizer = processor.tokenizer
-    hf_model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    hf_model.save_pretrained(out)
-    print(
-        f"Saved {type(hf_model).__name__} ({merged} adapted layers merged) and its processor to {out}: "
-        "load them with AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained."
-    )
-    return "transformers"
+    print(f"{module.merge_adapters()} adapted layers merged.")
+    return save_model_dir(module.model, processor, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m vlm.export --ckpt_path run.ckpt --out dir/ [--config train.yaml]``."""
-    parser = argparse.ArgumentParser(prog="python -m vlm.export", description=__doc__.split("\n\n")[0])
+    """Command line: ``python -m runners.export --ckpt_path run.ckpt --out dir/ [--config train.yaml]``."""
+    parser = argparse.ArgumentParser(prog="python -m runners.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of a VLMModule")
     parser.add_argument("--out", required=True, help="folder to write (created if absent)")
     parser.add_argument("--config", help="training YAML, for a checkpoint without its data settings")

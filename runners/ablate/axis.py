@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from vlm.ablate.overrides import apply_overrides
+from runners.ablate.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 AXIS_KEYS = {"name", "title", "table", "paper_metric", "paper_setup", "base", "tiny_base", "set", "full"}

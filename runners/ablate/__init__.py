@@ -1,4 +1,5 @@
-"""Ablation runner: ``python -m vlm.ablate configs/ablations/<axis>.yaml [--tiny] [--out DIR] [--max-steps]``.
+"""Ablation runner:
+``python -m runners.ablate configs/ablations/<axis>.yaml [--tiny] [--out DIR] [--max-steps]``.
 
 An axis file (``configs/ablations/*.yaml``, see ``docs/ABLATIONS.md``) names a base recipe (``base``, full
 scale; ``tiny_base``, CPU twin) and lists variants as config overrides on it::
@@ -21,25 +22,26 @@ Override keys are dotted paths into the YAML config. A list item is picked by ``
 A value replaces what is there (dicts are not merged: set their keys one by one to keep the rest).
 Order: base, axis ``set``, axis ``full``/``tiny``, variant ``set``, variant ``full``/``tiny``, ``--set``.
 
-For each variant the runner writes the merged config, runs ``fit`` through ``vlm.cli.main`` (what
+For each variant the runner writes the merged config, runs ``fit`` through ``runners.cli.main`` (what
 ``python -m lightning fit --config ...`` runs), saves ``final.ckpt`` and evaluates it:
 
 - full scale (the paper's protocol, Idefics2 §3): ``validate --config configs/eval/<b>.yaml --ckpt_path``
   for each of the axis' ``eval.benchmarks`` (VQAv2, TextVQA, OKVQA, COCO, 4-shot; scores x 100, CIDEr
   included, averaged as the paper's "Avg. score");
 - tiny scale: the demo's held-out generation accuracy on the synthetic shapes questions (every held-out
-  question asked alone, greedy, exact match), overall (``val_acc``) and per question type (count,
-  colour, shape); with ``--shots K`` also a K-shot run of the same held-out questions through
-  ``vlm.evaluation.EvalDataModule`` (VQAv2 layout, the paper's VQA prompt, shots from training
-  conversations; VQA accuracy).
+  question asked alone, greedy, exact match: ``validate`` of the variant's own config, its ``val/acc``),
+  overall (``val_acc``) and per question type (count, colour, shape); with ``--shots K`` also a K-shot run
+  of the same held-out questions through ``configs/eval/vqav2.yaml`` with ``datamodules.EvalDataModule``
+  reading them from the validation conversations (``sources``; the paper's VQA prompt, shots from
+  training conversations; VQA accuracy).
 
 Outputs: ``<out>/<axis>_<scale>.csv`` and ``.md`` (the table) and ``.png`` (the plot); runs (configs,
 logs, checkpoints, ``metrics.json``) under ``<runs>/<axis>_<scale>/<variant>/``.
 """
 
-from vlm.ablate.axis import Axis, axis_files, load_axis
-from vlm.ablate.overrides import apply_overrides, get_override, parse_set, set_override
-from vlm.ablate.runner import main, parameter_counts, print_config, run_axis, run_variant
+from runners.ablate.axis import Axis, axis_files, load_axis
+from runners.ablate.overrides import apply_overrides, get_override, parse_set, set_override
+from runners.ablate.runner import main, parameter_counts, print_config, run_axis, run_variant
 
 __all__ = [
     "Axis",

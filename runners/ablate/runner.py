@@ -1,5 +1,5 @@
-"""Running an axis: each variant's merged config through ``vlm.cli.main`` (fit, then evaluation), and
-the command line of ``python -m vlm.ablate``."""
+"""Running an axis: each variant's merged config through ``runners.cli.main`` (fit, then evaluation), and
+the command line of ``python -m runners.ablate``."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from typing import Any
 import torch
 import yaml
 
-from vlm.ablate.axis import ROOT, Axis, load_axis
-from vlm.ablate.evaluation import cli_main, fewshot_shapes, generation_accuracy, paper_eval
-from vlm.ablate.overrides import apply_overrides, parse_set
-from vlm.ablate.report import write_outputs
+from runners.ablate.axis import ROOT, Axis, load_axis
+from runners.ablate.evaluation import cli_main, fewshot_shapes, held_out_accuracy, paper_eval
+from runners.ablate.overrides import apply_overrides, parse_set
+from runners.ablate.report import write_outputs
 
 
 def print_config(axis: Axis, variant: str, tiny: bool, workdir: Path, extra: dict | None = None) -> dict:
-    """``fit --config <variant's config> --print_config`` through ``vlm.cli.main``: the resolved config."""
+    """``fit --config <variant's config> --print_config`` through ``runners.cli.main``: the resolved
+    config."""
     path = workdir / f"{axis.name}-{variant}-{'tiny' if tiny else 'full'}.yaml"
     path.write_text(yaml.safe_dump(axis.config(variant, tiny, extra), sort_keys=False))
     out, err = io.StringIO(), io.StringIO()
@@ -102,7 +103,8 @@ def run_variant(
     quiet: bool = False,
     evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Fit one variant through ``vlm.cli.main``, save ``final.ckpt``, evaluate it; returns its table row."""
+    """Fit one variant through ``runners.cli.main``, save ``final.ckpt``, evaluate it; returns its table
+    row."""
     scale = "tiny" if tiny else "full"
     run_dir = runs / f"{axis.name}_{scale}" / variant
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +129,9 @@ def run_variant(
             row["val_acc_logged"] = summary.history[-1][2]
             row["curve"] = " ".join(f"{step}:{value:.3f}" for step, _, value in summary.history)
         if evaluate and tiny:
-            row.update(generation_accuracy(cli.model, cli.datamodule))
+            row.update(held_out_accuracy(config, run_dir))
             if shots:
-                row.update(fewshot_shapes(cli, config, run_dir, shots))
+                row.update(fewshot_shapes(config, run_dir, shots))
         elif evaluate:
             row.update(paper_eval(axis, variant, config, run_dir))
     finally:
@@ -183,12 +185,12 @@ def run_axis(
             file=sys.stderr,
         )
     shown = axis.path.relative_to(ROOT) if axis.path.is_relative_to(ROOT) else axis.path
-    command = command or f"python -m vlm.ablate {shown}{' --tiny' if tiny else ''}"
+    command = command or f"python -m runners.ablate {shown}{' --tiny' if tiny else ''}"
     return rows, write_outputs(axis, rows, tiny, Path(out), command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlm.ablate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m runners.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("axis", help="configs/ablations/<axis>.yaml")
     parser.add_argument(
         "--tiny", action="store_true", help="run the CPU twins (tiny_base) instead of full scale"
@@ -235,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = (
         None
         if args.report
-        else "python -m vlm.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+        else "python -m runners.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     )
     _, paths = run_axis(
         axis, args.tiny, args.out or "lightning_logs/ablations", args.runs, args.max_steps, names, extra,

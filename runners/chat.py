@@ -1,7 +1,9 @@
-"""Talk to a trained model in the terminal: ``python -m vlm.chat --ckpt_path run.ckpt --image a.png "What?"``.
+"""Talk to a trained model in the terminal:
+``python -m runners.chat --ckpt_path run.ckpt --image a.png "What?"``.
 
-The model is a training checkpoint (``--ckpt_path``, with ``--config`` as ``vlm.export``) or an exported
-folder (``--model_dir``: transformers Idefics2/Idefics3 or this project's ``save_pretrained`` format).
+The model is a training checkpoint (``--ckpt_path``, with ``--config`` as ``runners.export``) or an
+exported folder (``--model_dir``, read by ``vlm.hf.load_model_dir``: transformers Idefics2/Idefics3 or
+this project's ``save_pretrained`` format).
 Questions come from the command line, then from standard input, one per line, until end of input
 (on a terminal, with a prompt; from a pipe or file, only when no question was given). The
 conversation is kept across turns: each question is asked after the earlier questions and answers.
@@ -16,17 +18,15 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlm.export import load_checkpoint
+from runners.export import load_checkpoint
 from vlm.generation import GenerationSettings, generate_answers
-from vlm.hf import from_transformers
-from vlm.model import CONFIG_FILE, VisionLanguageModel
+from vlm.hf import load_model_dir
+from vlm.model import VisionLanguageModel
 from vlm.processing import VLMProcessor, load_image
 from vlm.processing.processor import GENERATION_INPUTS
 
@@ -70,18 +70,6 @@ class Chat:
         return answer
 
 
-def load_model_dir(model_dir: str | os.PathLike) -> tuple[VisionLanguageModel, VLMProcessor]:
-    """The model and processor of a folder written by ``vlm.export`` (either format)."""
-    folder = Path(model_dir)
-    processor = VLMProcessor.from_transformers(AutoProcessor.from_pretrained(folder))
-    if (folder / CONFIG_FILE).is_file():
-        model = VisionLanguageModel.from_pretrained(folder)
-        processor.fusion = model.config.fusion
-    else:
-        model = from_transformers(AutoModelForImageTextToText.from_pretrained(folder))
-    return model.eval(), processor
-
-
 def _questions(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
     """(question, image paths) pairs: the command line's, then standard input's lines (after command
     line questions only from a terminal, so that a script asking one question does not wait)."""
@@ -108,10 +96,10 @@ def _questions(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m vlm.chat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m runners.chat", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt_path", help="Lightning checkpoint of a VLMModule")
-    source.add_argument("--model_dir", help="folder written by python -m vlm.export")
+    source.add_argument("--model_dir", help="folder written by python -m runners.export")
     parser.add_argument("--config", help="training YAML, for a checkpoint without its data settings")
     parser.add_argument("--image", action="append", default=[], help="image path for the first question")
     parser.add_argument("question", nargs="*", help="questions (default: read from standard input)")

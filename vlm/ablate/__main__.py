@@ -1,5 +1,0 @@
-"""``python -m vlm.ablate``: see ``vlm.ablate``."""
-
-from vlm.ablate.runner import main
-
-main()
