@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property, partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
@@ -42,8 +42,8 @@ from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
-from vlm.language_model import load_tokenizer
-from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing import ImageProcessor, Recipe, VLMProcessor, build_processor
+from vlm.processing.contract import default_settings
 from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
 
@@ -170,7 +170,7 @@ def collate_questions(questions: list[Question], processor: VLMProcessor) -> dic
     limits = {q.max_image_resolution for q in questions} - {None}
     if limits and min(limits) < processor.image_processor.longest_edge:
         image_processor = dataclasses.replace(processor.image_processor, longest_edge=min(limits))
-        processor = VLMProcessor(
+        processor = build_processor(
             processor.tokenizer, image_processor, processor.image_seq_len, fusion=processor.fusion
         )
     # Only the user message: the template then appends the generation prompt "Assistant:".
@@ -193,14 +193,13 @@ class VLMDataModule(LightningDataModule):
 
     - ``sources``: ``{source, urls, weight, max_seq_len, max_image_resolution, options}`` items;
       ``${VAR}`` in ``urls`` is expanded from the environment.
-    - ``tokenizer``: ``"tiny"`` (the offline test tokenizer), a local path (``~`` and ``${VAR}``
-      expanded) or a hub name.
-    - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
-      ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
-      ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``;
-      ``fusion=None`` (the default) takes the fusion of the trainer's LightningModule (its
-      ``config.fusion``, as ``VLMModule`` has) in ``setup``, so ``--model.fusion`` alone switches both;
-      without a trainer it is ``autoregressive``.
+    - ``tokenizer``, ``recipe``, ``image_seq_len``, ``fusion`` and ``image_processor``
+      (``ImageProcessor`` keyword arguments: ``longest_edge``, ``shortest_edge``, ``tile_size``,
+      ``do_image_splitting``, ``split_fraction``, ``random_upscale``...) define the ``VLMProcessor``.
+      The first four are the model's (``vlm.processing.contract``): ``connect(model)`` (called by
+      ``setup`` with the trainer's LightningModule) takes them; leave them ``None``. One that is set
+      must equal the model's, or ``connect`` stops naming both keys. With no model connected, unset
+      ones are ``VLMModule()``'s (``default_settings``).
     - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
       ``None`` (conversation sources ``sft``, the others ``pretraining``).
     - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
@@ -230,9 +229,9 @@ class VLMDataModule(LightningDataModule):
     def __init__(
         self,
         sources: list[dict[str, Any]],
-        tokenizer: str = "tiny",
-        recipe: Literal["idefics2", "idefics3"] = "idefics2",
-        image_seq_len: int = 64,
+        tokenizer: str | None = None,
+        recipe: Recipe | None = None,
+        image_seq_len: int | None = None,
         fusion: Fusion | None = None,
         image_processor: dict[str, Any] | None = None,
         mode: Mode | dict[str, Mode] | None = None,
@@ -279,12 +278,8 @@ class VLMDataModule(LightningDataModule):
             SourceConfig(**{"weight": 1.0, "max_seq_len": max_seq_len, **expand_env(s)})
             for s in predict_sources or []
         ]
-        self.tokenizer_name, self.recipe, self.image_seq_len, self.fusion = (
-            tokenizer,
-            recipe,
-            image_seq_len,
-            fusion,
-        )
+        given = {"tokenizer": tokenizer, "recipe": recipe, "image_seq_len": image_seq_len, "fusion": fusion}
+        self.given_settings, self.settings = given, None  # settings: the connected model's (connect)
         self.image_processor_options = dict(image_processor or {})
         self.mode, self.shuffle_turns = mode, shuffle_turns
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -297,23 +292,25 @@ class VLMDataModule(LightningDataModule):
 
     @cached_property
     def processor(self) -> VLMProcessor:
-        """The ``VLMProcessor`` built from the settings (tokenizer loaded on first use)."""
-        if self.tokenizer_name == "tiny":
-            tokenizer = load_tiny_tokenizer()
-        else:
-            tokenizer = load_tokenizer(self.tokenizer_name)
-        options = {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
-        image_processor = ImageProcessor(self.recipe, **options)
-        fusion = self.fusion or "autoregressive"
-        return VLMProcessor(tokenizer, image_processor, self.image_seq_len, fusion=fusion)
+        """The ``VLMProcessor`` of the connected model's settings (tokenizer loaded on first use)."""
+        settings = self.settings or default_settings().given(self.given_settings)
+        options = {"recipe": settings.recipe, "max_tiles_per_sample": self.max_tiles_per_row}
+        options.update(self.image_processor_options)
+        return build_processor(settings.tokenizer, options, settings.image_seq_len, fusion=settings.fusion)
+
+    def connect(self, model: Any) -> None:
+        """Take the processor settings of ``model`` (a ``VLMModule``: its ``processor_settings``), checked
+        against the ones set here; also without a trainer. Checkpoints then hold them (hyper-parameters)."""
+        tile_size = self.image_processor_options.get("tile_size", ImageProcessor.tile_size)
+        self.settings = model.processor_settings(tile_size).check(self.given_settings)
+        self.hparams.update({key: getattr(self.settings, key) for key in self.given_settings})
+        self.__dict__.pop("processor", None)  # built again with these settings
 
     def setup(self, stage: str) -> None:
-        """With ``fusion=None``, adopt the LightningModule's fusion (before the processor is built)."""
-        if self.fusion is None and self.trainer is not None:
-            config = getattr(self.trainer.lightning_module, "config", None)
-            fusion = getattr(config, "fusion", None)
-            if fusion is not None:
-                self.fusion = fusion
+        """Connect the trainer's LightningModule, if it states its processor settings."""
+        module = None if self.trainer is None else self.trainer.lightning_module
+        if self.settings is None and hasattr(module, "processor_settings"):
+            self.connect(module)
 
     def prepare_data(self) -> None:
         """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training
