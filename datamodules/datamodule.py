@@ -42,8 +42,8 @@ from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
-from vlm.processing import ImageProcessor, Recipe, VLMProcessor, build_processor
-from vlm.processing.contract import default_settings
+from vlm.processing import Recipe, VLMProcessor, build_processor
+from vlm.processing.contract import ProcessingModel, connect, default_settings
 from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
 
@@ -294,15 +294,14 @@ class VLMDataModule(LightningDataModule):
     def processor(self) -> VLMProcessor:
         """The ``VLMProcessor`` of the connected model's settings (tokenizer loaded on first use)."""
         settings = self.settings or default_settings().given(self.given_settings)
-        options = {"recipe": settings.recipe, "max_tiles_per_sample": self.max_tiles_per_row}
-        options.update(self.image_processor_options)
-        return build_processor(settings.tokenizer, options, settings.image_seq_len, fusion=settings.fusion)
+        return settings.processor(
+            {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
+        )
 
-    def connect(self, model: Any) -> None:
+    def connect(self, model: ProcessingModel) -> None:
         """Take the processor settings of ``model`` (a ``VLMModule``: its ``processor_settings``), checked
         against the ones set here; also without a trainer. Checkpoints then hold them (hyper-parameters)."""
-        tile_size = self.image_processor_options.get("tile_size", ImageProcessor.tile_size)
-        self.settings = model.processor_settings(tile_size).check(self.given_settings)
+        self.settings = connect(model, self.image_processor_options, self.given_settings)
         self.hparams.update({key: getattr(self.settings, key) for key in self.given_settings})
         self.__dict__.pop("processor", None)  # built again with these settings
 

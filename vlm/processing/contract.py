@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm.config import VLMConfig, get_preset
 from vlm.connectors import visual_tokens_per_tile
 from vlm.language_model import TINY_TOKENIZER
+from vlm.processing.image import ImageProcessor
+from vlm.processing.processor import VLMProcessor, build_processor
 from vlm.processing.text import Fusion
 
 Recipe = Literal["idefics2", "idefics3"]
@@ -78,6 +82,32 @@ class ProcessorSettings:
     def given(self, values: Mapping[str, Any]) -> ProcessorSettings:
         """These settings with the set (not ``None``) ``values`` in place of theirs, unchecked."""
         return replace(self, **{key: value for key, value in values.items() if value is not None})
+
+    def processor(
+        self, image_processor: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> VLMProcessor:
+        """The ``VLMProcessor`` of these settings and the ``image_processor`` options (``ImageProcessor``
+        arguments but the recipe); ``tokenizer``: one already loaded, else ``self.tokenizer`` is."""
+        options = {"recipe": self.recipe, **image_processor}
+        return build_processor(tokenizer or self.tokenizer, options, self.image_seq_len, fusion=self.fusion)
+
+
+class ProcessingModel(Protocol):
+    """What states its processor settings: ``VLMModule``."""
+
+    def processor_settings(self, tile_size: int | None = None) -> ProcessorSettings: ...
+
+
+def connect(
+    model: ProcessingModel,
+    image_processor: Mapping[str, Any],
+    given: Mapping[str, Any],
+    prefix: str = "data.init_args",
+) -> ProcessorSettings:
+    """The settings a data module with ``image_processor`` options (its tiles' size) and its own ``given``
+    values (``None``: unset) must use with ``model``: the model's, checked against ``given``."""
+    tile_size = image_processor.get("tile_size", ImageProcessor.tile_size)
+    return model.processor_settings(tile_size).check(given, prefix)
 
 
 #: The preset of ``VLMModule``'s default model.
