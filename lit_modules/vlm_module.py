@@ -88,7 +88,7 @@ class VLMModule(LightningModule):
         to the same path (or ``None``).
       - ``recipe``: the processing the model is trained with (``idefics2`` / ``idefics3`` prompt layout
         and image splitting); ``None``: the ``from_transformers`` checkpoint's family, else the preset's
-        (``idefics3*`` presets: idefics3), else ``idefics2``.
+        (``idefics3*`` presets: idefics3); a ``VLMConfig`` alone fixes none (the data's, else idefics2).
       - ``image_shape``: (height, width) in pixels of the images the model sees when the recipe does not
         cut them into square tiles (idefics2): it fixes the visual tokens per image of connectors that
         keep the patch grid (``mlp``, ``linear``, ``pixel_shuffle``; the demo's 32 x 48 images);
@@ -171,9 +171,10 @@ class VLMModule(LightningModule):
 
     def processor_settings(self, tile_size: int | None = None) -> ProcessorSettings:
         """The processing this model is built for (the model-data contract, ``vlm.processing.contract``):
-        its tokenizer, recipe, fusion and visual tokens per tile: per ``tile_size`` px square tile (the
-        data's ``tile_size``) with the idefics3 recipe, else per ``image_shape`` image. Derived from the
-        config without building the model (a ``from_transformers`` checkpoint's config is read)."""
+        its tokenizer, recipe (``None``: not fixed by the model), fusion and visual tokens per ``tile_size``
+        px square tile (the data's tiles, idefics3 recipe) or, without one, per ``image_shape`` image.
+        Derived from the config without building the model (a ``from_transformers`` checkpoint's config
+        is read)."""
         hparams = self.hparams
         config, recipe = self.config, hparams.recipe
         if hparams.from_transformers is not None:
@@ -184,10 +185,7 @@ class VLMModule(LightningModule):
                 config = dataclasses.replace(converted, fusion=hparams.fusion or converted.fusion)
         elif isinstance(hparams.model, str):
             recipe = recipe or preset_recipe(hparams.model)
-        recipe = recipe or "idefics2"
-        tile = (
-            (tile_size, tile_size) if tile_size is not None and recipe == "idefics3" else hparams.image_shape
-        )
+        tile = hparams.image_shape if tile_size is None else (tile_size, tile_size)
         return ProcessorSettings.of(config, hparams.tokenizer, recipe, tile)
 
     def configure_model(self) -> None:

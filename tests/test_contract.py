@@ -77,6 +77,22 @@ def test_the_datamodule_takes_the_models_settings():
     assert (data.processor.recipe, data.processor.image_seq_len) == ("idefics2", 24)
 
 
+def test_a_model_config_alone_fixes_no_recipe_the_datas_is_used():
+    module = VLMModule(get_preset("idefics3-tiny"))  # a VLMConfig, no recipe: the data's
+    data = VLMDataModule([], recipe="idefics3", image_processor={"tile_size": 64})
+    data.connect(module)
+    assert (data.processor.recipe, data.processor.image_seq_len) == ("idefics3", 16)
+    data = VLMDataModule([])  # neither says: idefics2, per image of the tower's image_size (32 px)
+    data.connect(module)
+    assert (data.processor.recipe, data.processor.image_seq_len) == ("idefics2", 4)
+    with pytest.raises(
+        ValueError, match=r"data\.init_args\.recipe='idefics3' but the model has model\.init_args"
+    ):
+        VLMDataModule([], recipe="idefics3").connect(
+            VLMModule(get_preset("idefics3-tiny"), recipe="idefics2")
+        )
+
+
 def test_without_a_model_unset_keys_are_the_default_models():
     data = VLMDataModule([], recipe="idefics3")
     assert data.processor.recipe == "idefics3"

@@ -35,11 +35,11 @@ def preset_recipe(preset: str) -> Recipe:
 @dataclass(frozen=True)
 class ProcessorSettings:
     """What a model's ``VLMProcessor`` must be: ``tokenizer`` (a ``load_tokenizer`` name, or ``None``:
-    the model has none), ``recipe``, ``image_seq_len`` (visual tokens per tile) and ``fusion``.
-    ``origin`` says where ``image_seq_len`` comes from, for error messages."""
+    the model has none), ``recipe`` (``None``: any), ``image_seq_len`` (visual tokens per tile) and
+    ``fusion``. ``origin`` says where ``image_seq_len`` comes from, for error messages."""
 
     tokenizer: str | None
-    recipe: Recipe
+    recipe: Recipe | None
     image_seq_len: int
     fusion: Fusion = "autoregressive"
     origin: str = "the model"
@@ -49,7 +49,7 @@ class ProcessorSettings:
         cls,
         config: VLMConfig,
         tokenizer: str | None,
-        recipe: Recipe,
+        recipe: Recipe | None,
         tile: tuple[int, int] | None = None,
     ) -> ProcessorSettings:
         """The settings of a model of ``config`` seeing tiles of ``tile`` (height, width) pixels
@@ -104,10 +104,15 @@ def connect(
     given: Mapping[str, Any],
     prefix: str = "data.init_args",
 ) -> ProcessorSettings:
-    """The settings a data module with ``image_processor`` options (its tiles' size) and its own ``given``
-    values (``None``: unset) must use with ``model``: the model's, checked against ``given``."""
-    tile_size = image_processor.get("tile_size", ImageProcessor.tile_size)
-    return model.processor_settings(tile_size).check(given, prefix)
+    """The settings a data module with ``image_processor`` options and its own ``given`` values (``None``:
+    unset) must use with ``model``: the model's, checked against ``given``; the recipe is the model's, else
+    the data's, else idefics2. With the idefics3 recipe the visual tokens are counted per tile of the
+    data's ``tile_size``."""
+    settings = model.processor_settings()
+    recipe = settings.recipe or given.get("recipe") or "idefics2"
+    if recipe == "idefics3":
+        settings = model.processor_settings(image_processor.get("tile_size", ImageProcessor.tile_size))
+    return replace(settings.check(given, prefix), recipe=recipe)
 
 
 #: The preset of ``VLMModule``'s default model.
