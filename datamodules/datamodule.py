@@ -31,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from datamodules.contract import ModelProcessing
 from datamodules.encoding import Mode, SampleEncoder
 from datamodules.index import index_shards
 from datamodules.mixture import MixtureConfig, SourceConfig
@@ -43,7 +44,6 @@ from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayo
 from datamodules.synthetic import write_shards
 from vlm.config import IMAGE_TOKEN
 from vlm.processing import Recipe, VLMProcessor, build_processor
-from vlm.processing.contract import ProcessingModel, connect, default_settings
 from vlm.processing.processor import prompt_inputs
 from vlm.processing.text import Fusion, image_placeholder_token_ids, turns_to_messages
 
@@ -188,7 +188,7 @@ def collate_questions(questions: list[Question], processor: VLMProcessor) -> dic
     return batch
 
 
-class VLMDataModule(LightningDataModule):
+class VLMDataModule(ModelProcessing, LightningDataModule):
     """Packed, resumable VLM batches from a mixture of sources (``SourceConfig`` dicts, as in YAML).
 
     - ``sources``: ``{source, urls, weight, max_seq_len, max_image_resolution, options}`` items;
@@ -278,9 +278,7 @@ class VLMDataModule(LightningDataModule):
             SourceConfig(**{"weight": 1.0, "max_seq_len": max_seq_len, **expand_env(s)})
             for s in predict_sources or []
         ]
-        given = {"tokenizer": tokenizer, "recipe": recipe, "image_seq_len": image_seq_len, "fusion": fusion}
-        self.given_settings, self.settings = given, None  # settings: the connected model's (connect)
-        self.image_processor_options = dict(image_processor or {})
+        self.processor_settings_given(tokenizer, recipe, image_seq_len, fusion, image_processor)
         self.mode, self.shuffle_turns = mode, shuffle_turns
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.max_seq_len, self.max_tiles_per_row = max_seq_len, max_tiles_per_row
@@ -290,26 +288,9 @@ class VLMDataModule(LightningDataModule):
         self.max_resolution: int | None = None  # set by set_max_resolution (resolution ramp-up)
         self._train_loader: ResumableLoader | None = None
 
-    @cached_property
-    def processor(self) -> VLMProcessor:
-        """The ``VLMProcessor`` of the connected model's settings (tokenizer loaded on first use)."""
-        settings = self.settings or default_settings().given(self.given_settings)
-        return settings.processor(
-            {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
-        )
-
-    def connect(self, model: ProcessingModel) -> None:
-        """Take the processor settings of ``model`` (a ``VLMModule``: its ``processor_settings``), checked
-        against the ones set here; also without a trainer. Checkpoints then hold them (hyper-parameters)."""
-        self.settings = connect(model, self.image_processor_options, self.given_settings)
-        self.hparams.update({key: getattr(self.settings, key) for key in self.given_settings})
-        self.__dict__.pop("processor", None)  # built again with these settings
-
-    def setup(self, stage: str) -> None:
-        """Connect the trainer's LightningModule, if it states its processor settings."""
-        module = None if self.trainer is None else self.trainer.lightning_module
-        if self.settings is None and hasattr(module, "processor_settings"):
-            self.connect(module)
+    def image_options(self) -> dict[str, Any]:
+        """``image_processor``, its tiles per sample capped by ``max_tiles_per_row``."""
+        return {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
 
     def prepare_data(self) -> None:
         """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training
