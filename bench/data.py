@@ -21,7 +21,7 @@ from datamodules.encoding import SampleEncoder
 from datamodules.packing import TokenizedDocument, collate_rows, pack, packing_efficiency, split_document
 from datamodules.sources import iter_samples
 from datamodules.synthetic import WRITERS, write_shards
-from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing import build_processor
 
 SEQ_LEN, IMAGE_TOKEN, IMAGE_TOKENS, BATCH = 2048, 2, 64, 8
 
@@ -38,9 +38,7 @@ def documents(n: int, seed: int = 0) -> list[TokenizedDocument]:
 
 def pipeline_throughput(n_samples: int = 48) -> list[dict]:
     """Read + encode samples/s and tokens/s of every source on its miniature shards."""
-    processor = VLMProcessor(
-        load_tiny_tokenizer(), ImageProcessor("idefics3", tile_size=64, longest_edge=128), image_seq_len=16
-    )
+    processor = build_processor("tiny", {"recipe": "idefics3", "tile_size": 64, "longest_edge": 128}, 16)
     measures = []
     print(f"{'source':<15}{'samples/s':>12}{'tokens/s':>12}")
     with tempfile.TemporaryDirectory() as folder:

@@ -21,16 +21,17 @@ import dataclasses
 import os
 import random
 from collections.abc import Iterator, Sequence
-from functools import cached_property, partial
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from datamodules.contract import ModelProcessing
 from datamodules.encoding import Mode, SampleEncoder
 from datamodules.held_out import QuestionDataset
 from datamodules.index import index_shards
@@ -43,8 +44,7 @@ from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
 from vlm.evaluation.batch import collate_prompts
-from vlm.language_model import load_tokenizer
-from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing import Recipe
 from vlm.processing.text import Fusion, image_placeholder_token_ids
 
 #: Seed offset of ``val_synthetic`` shards: validation records come from another random stream than
@@ -109,19 +109,18 @@ class PackedSequence(IterableDataset):
             yield from self.packer.rows(window)
 
 
-class VLMDataModule(LightningDataModule):
+class VLMDataModule(ModelProcessing, LightningDataModule):
     """Packed, resumable VLM batches from a mixture of sources (``SourceConfig`` dicts, as in YAML).
 
     - ``sources``: ``{source, urls, weight, max_seq_len, max_image_resolution, options}`` items;
       ``${VAR}`` in ``urls`` is expanded from the environment.
-    - ``tokenizer``: ``"tiny"`` (the offline test tokenizer), a local path (``~`` and ``${VAR}``
-      expanded) or a hub name.
-    - ``recipe``, ``image_processor`` (``ImageProcessor`` keyword arguments: ``longest_edge``,
-      ``shortest_edge``, ``tile_size``, ``do_image_splitting``, ``split_fraction``,
-      ``random_upscale``...), ``image_seq_len`` and ``fusion`` define the ``VLMProcessor``;
-      ``fusion=None`` (the default) takes the fusion of the trainer's LightningModule (its
-      ``config.fusion``, as ``VLMModule`` has) in ``setup``, so ``--model.fusion`` alone switches both;
-      without a trainer it is ``autoregressive``.
+    - ``tokenizer``, ``recipe``, ``image_seq_len``, ``fusion`` and ``image_processor``
+      (``ImageProcessor`` keyword arguments: ``longest_edge``, ``shortest_edge``, ``tile_size``,
+      ``do_image_splitting``, ``split_fraction``, ``random_upscale``...) define the ``VLMProcessor``.
+      The first four are the model's (``vlm.processing.contract``): ``connect(model)`` (called by
+      ``setup`` with the trainer's LightningModule) takes them; leave them ``None``. One that is set
+      must equal the model's, or ``connect`` stops naming both keys. With no model connected, unset
+      ones are ``VLMModule()``'s (``default_settings``).
     - ``mode``: ``"pretraining"`` or ``"sft"`` for every source, a ``{source: mode}`` dict, or
       ``None`` (conversation sources ``sft``, the others ``pretraining``).
     - ``max_tiles_per_row`` also caps each sample's tiles (its resolution is lowered to fit).
@@ -151,9 +150,9 @@ class VLMDataModule(LightningDataModule):
     def __init__(
         self,
         sources: list[dict[str, Any]],
-        tokenizer: str = "tiny",
-        recipe: Literal["idefics2", "idefics3"] = "idefics2",
-        image_seq_len: int = 64,
+        tokenizer: str | None = None,
+        recipe: Recipe | None = None,
+        image_seq_len: int | None = None,
         fusion: Fusion | None = None,
         image_processor: dict[str, Any] | None = None,
         mode: Mode | dict[str, Mode] | None = None,
@@ -200,13 +199,7 @@ class VLMDataModule(LightningDataModule):
             SourceConfig(**{"weight": 1.0, "max_seq_len": max_seq_len, **expand_env(s)})
             for s in predict_sources or []
         ]
-        self.tokenizer_name, self.recipe, self.image_seq_len, self.fusion = (
-            tokenizer,
-            recipe,
-            image_seq_len,
-            fusion,
-        )
-        self.image_processor_options = dict(image_processor or {})
+        self.processor_settings_given(tokenizer, recipe, image_seq_len, fusion, image_processor)
         self.mode, self.shuffle_turns = mode, shuffle_turns
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.max_seq_len, self.max_tiles_per_row = max_seq_len, max_tiles_per_row
@@ -216,25 +209,9 @@ class VLMDataModule(LightningDataModule):
         self.max_resolution: int | None = None  # set by set_max_resolution (resolution ramp-up)
         self._train_loader: ResumableLoader | None = None
 
-    @cached_property
-    def processor(self) -> VLMProcessor:
-        """The ``VLMProcessor`` built from the settings (tokenizer loaded on first use)."""
-        if self.tokenizer_name == "tiny":
-            tokenizer = load_tiny_tokenizer()
-        else:
-            tokenizer = load_tokenizer(self.tokenizer_name)
-        options = {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
-        image_processor = ImageProcessor(self.recipe, **options)
-        fusion = self.fusion or "autoregressive"
-        return VLMProcessor(tokenizer, image_processor, self.image_seq_len, fusion=fusion)
-
-    def setup(self, stage: str) -> None:
-        """With ``fusion=None``, adopt the LightningModule's fusion (before the processor is built)."""
-        if self.fusion is None and self.trainer is not None:
-            config = getattr(self.trainer.lightning_module, "config", None)
-            fusion = getattr(config, "fusion", None)
-            if fusion is not None:
-                self.fusion = fusion
+    def image_options(self) -> dict[str, Any]:
+        """``image_processor``, its tiles per sample capped by ``max_tiles_per_row``."""
+        return {"max_tiles_per_sample": self.max_tiles_per_row, **self.image_processor_options}
 
     def prepare_data(self) -> None:
         """Write the ``synthetic`` / ``val_synthetic`` shards that are absent, then index the training

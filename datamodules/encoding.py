@@ -6,7 +6,7 @@ Two formats, chosen per source (``mode``):
   becomes one text with an ``<image>`` per image in reading order, joined as m4 does
   (docs/DATA_FORMATS.md §1, ``split_pack_and_pad_webdocs``): text right after an image is appended
   without a separator, text after text with a space. A PDF/OCR page is its image then its text.
-  Labels: every token but image placeholders (``VLMProcessor(return_labels=True)``); an eos
+  Labels: every token but image placeholders (a ``VLMProcessor`` called with ``return_labels=True``); an eos
   closes the document.
 - ``sft`` (The Cauldron, Docmatix, text-only, m4 SFT tars): ``turns`` in the Idefics chat format
   (``VLMProcessor.encode_conversations``), the images before the first question, loss on the

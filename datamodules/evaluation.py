@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property, partial
 from itertools import islice
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
+from datamodules.contract import ModelProcessing
 from datamodules.datamodule import expand_env
 from datamodules.held_out import question_items
 from datamodules.sources import iter_samples
@@ -27,8 +28,7 @@ from vlm.evaluation.benchmarks import Benchmark, Example, get_benchmark
 from vlm.evaluation.fewshot import documents, select_shots
 from vlm.evaluation.prompts import STOP_WORDS
 from vlm.evaluation.scoring import PromptScorer
-from vlm.language_model import load_tokenizer
-from vlm.processing import ImageProcessor, VLMProcessor, load_tiny_tokenizer
+from vlm.processing import Recipe
 from vlm.processing.text import Fusion
 
 
@@ -73,7 +73,7 @@ class PromptDataset(Dataset):
         return index, PromptItem(query.id, docs, list(query.answers), record=record)
 
 
-class EvalDataModule(LightningDataModule):
+class EvalDataModule(ModelProcessing, LightningDataModule):
     """Generation batches of one benchmark, zero- or few-shot (validation loader only).
 
     - ``benchmark``: a key of ``vlm.evaluation.BENCHMARKS`` (its prompt and metric); ``files``: its parquet
@@ -86,9 +86,10 @@ class EvalDataModule(LightningDataModule):
       (``vlm.evaluation.fewshot.select_shots``).
     - ``chat``: instruction models get training's chat template (shots as earlier user/assistant turns,
       then ``Assistant:``); ``False``: plain text for base models (``prompts.plain_text``).
-    - ``tokenizer``, ``recipe``, ``image_seq_len``, ``image_processor`` (``ImageProcessor`` keyword
-      arguments) and ``fusion`` (``None``: the LightningModule's) define the ``VLMProcessor``, as in
-      ``datamodules.VLMDataModule``; they must match the evaluated model.
+    - ``image_processor`` (``ImageProcessor`` keyword arguments) and the evaluated model's tokenizer,
+      recipe, fusion and visual tokens per tile define the ``VLMProcessor``, as in
+      ``datamodules.VLMDataModule`` (``datamodules.contract``): ``tokenizer``, ``recipe``,
+      ``image_seq_len`` and ``fusion`` are the model's when ``None``, checked against it when set.
     """
 
     def __init__(
@@ -103,9 +104,9 @@ class EvalDataModule(LightningDataModule):
         seed: int = 0,
         chat: bool = True,
         limit: int | None = None,
-        tokenizer: str = "tiny",
-        recipe: Literal["idefics2", "idefics3"] = "idefics2",
-        image_seq_len: int = 64,
+        tokenizer: str | None = None,
+        recipe: Recipe | None = None,
+        image_seq_len: int | None = None,
         image_processor: dict[str, Any] | None = None,
         fusion: Fusion | None = None,
         batch_size: int = 1,
@@ -124,9 +125,8 @@ class EvalDataModule(LightningDataModule):
         self.files, self.support_files = files, support_files
         self.sources, self.support_sources, self.support_limit = sources, support_sources, support_limit
         self.num_shots, self.seed, self.chat, self.limit = num_shots, seed, chat, limit
-        self.tokenizer_name, self.recipe, self.image_seq_len = tokenizer, recipe, image_seq_len
-        self.image_processor_options = dict(image_processor or {})
-        self.fusion, self.batch_size, self.num_workers = fusion, batch_size, num_workers
+        self.processor_settings_given(tokenizer, recipe, image_seq_len, fusion, image_processor)
+        self.batch_size, self.num_workers = batch_size, num_workers
 
     @cached_property
     def examples(self) -> list[Example]:
@@ -143,20 +143,6 @@ class EvalDataModule(LightningDataModule):
         if self.support_sources is not None:
             return question_examples(self.support_sources, self.support_limit)
         return self.benchmark.read(self.support_files)[: self.support_limit]
-
-    @cached_property
-    def processor(self) -> VLMProcessor:
-        name = self.tokenizer_name
-        tokenizer = load_tiny_tokenizer() if name == "tiny" else load_tokenizer(name)
-        image_processor = ImageProcessor(self.recipe, **self.image_processor_options)
-        return VLMProcessor(
-            tokenizer, image_processor, self.image_seq_len, fusion=self.fusion or "autoregressive"
-        )
-
-    def setup(self, stage: str) -> None:
-        """With ``fusion=None``, adopt the LightningModule's fusion (its ``config.fusion``)."""
-        if self.fusion is None and self.trainer is not None:
-            self.fusion = getattr(getattr(self.trainer.lightning_module, "config", None), "fusion", None)
 
     def dataset(self) -> PromptDataset:
         return PromptDataset(self.benchmark, self.examples, self.support, self.num_shots, self.seed)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.hooks import RemovableHandle
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lit_modules.optim import LRSchedule, Schedule, param_groups
@@ -39,10 +39,12 @@ from vlm.config import (
 from vlm.evaluation.batch import PromptBatch, generation_inputs
 from vlm.evaluation.scoring import PromptScorer, held_out_accuracy
 from vlm.generation import GenerationSettings, generate_answers
+from vlm.hf import config_from_transformers
 from vlm.hf import from_transformers as convert_from_transformers
-from vlm.language_model import load_tokenizer, resolve_path
+from vlm.language_model import TINY_TOKENIZER, load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
-from vlm.processing import load_tiny_tokenizer
+from vlm.processing import ProcessorSettings, Recipe
+from vlm.processing.contract import DEFAULT_PRESET, preset_recipe
 
 Fusion = Literal["autoregressive", "cross_attention"]
 FORWARD_KEYS = frozenset(inspect.signature(VisionLanguageModel.forward).parameters) - {"self"}
@@ -72,11 +74,18 @@ class VLMModule(LightningModule):
       - ``tokenizer``: ``"tiny"`` (the offline test tokenizer), a local path (``~`` and ``${VAR}``
         expanded) or hub name, or ``None`` (no tokenizer: the special tokens get the ids after the
         configured vocabulary, as in the released Idefics vocabularies; no ``val/acc``). It must be
-        the data's tokenizer.
+        the data's tokenizer (the data takes it: ``processor_settings``).
       - ``from_transformers``: local path of a transformers Idefics2/Idefics3 checkpoint, converted
         with ``vlm.hf.from_transformers`` (``model`` then only gives the ``cross_attention`` settings
         of ``fusion="cross_attention"``, which adds freshly initialised blocks). Set ``tokenizer``
         to the same path (or ``None``).
+      - ``recipe``: the processing the model is trained with (``idefics2`` / ``idefics3`` prompt layout
+        and image splitting); ``None``: the ``from_transformers`` checkpoint's family, else the preset's
+        (``idefics3*`` presets: idefics3); a ``VLMConfig`` alone fixes none (the data's, else idefics2).
+      - ``image_shape``: (height, width) in pixels of the images the model sees when the recipe does not
+        cut them into square tiles (idefics2): it fixes the visual tokens per image of connectors that
+        keep the patch grid (``mlp``, ``linear``, ``pixel_shuffle``; the demo's 32 x 48 images);
+        ``None``: the tower's ``image_size`` square.
     Training: ``policy`` (``TrainingPolicy``); AdamW (``lr``, ``weight_decay``, ``betas``,
     ``eps``, ``lr_multipliers`` per component) with a warmup + ``schedule`` to ``min_lr`` at
     ``max_steps`` (default: the trainer's ``estimated_stepping_batches``); a stage transition replaces
@@ -102,10 +111,12 @@ class VLMModule(LightningModule):
 
     def __init__(
         self,
-        model: str | VLMConfig = "idefics2-tiny",
+        model: str | VLMConfig = DEFAULT_PRESET,
         fusion: Fusion | None = None,
-        tokenizer: str | None = "tiny",
+        tokenizer: str | None = TINY_TOKENIZER,
         from_transformers: str | None = None,
+        recipe: Recipe | None = None,
+        image_shape: tuple[int, int] | None = None,
         policy: TrainingPolicy | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.1,
@@ -150,8 +161,27 @@ class VLMModule(LightningModule):
         """The tokenizer named by ``tokenizer`` (loaded on first use; ``None`` if none)."""
         name = self.hparams.tokenizer
         if self._tokenizer is None and name is not None:
-            self._tokenizer = load_tiny_tokenizer() if name == "tiny" else load_tokenizer(name)
+            self._tokenizer = load_tokenizer(name)
         return self._tokenizer
+
+    def processor_settings(self, tile_size: int | None = None) -> ProcessorSettings:
+        """The processing this model is built for (the model-data contract, ``vlm.processing.contract``):
+        its tokenizer, recipe (``None``: not fixed by the model), fusion and visual tokens per ``tile_size``
+        px square tile (the data's tiles, idefics3 recipe) or, without one, per ``image_shape`` image.
+        Derived from the config without building the model (a ``from_transformers`` checkpoint's config
+        is read)."""
+        hparams = self.hparams
+        config, recipe = self.config, hparams.recipe
+        if hparams.from_transformers is not None:
+            hf_config = AutoConfig.from_pretrained(resolve_path(hparams.from_transformers))
+            recipe = recipe or hf_config.model_type  # "idefics2" or "idefics3"
+            if self.model is None:  # self.config becomes the checkpoint's when the model is built
+                converted = config_from_transformers(hf_config)
+                config = dataclasses.replace(converted, fusion=hparams.fusion or converted.fusion)
+        elif isinstance(hparams.model, str):
+            recipe = recipe or preset_recipe(hparams.model)
+        tile = hparams.image_shape if tile_size is None else (tile_size, tile_size)
+        return ProcessorSettings.of(config, hparams.tokenizer, recipe, tile)
 
     def configure_model(self) -> None:
         """Build the network and apply the training policy, once (a no-op when already built); then

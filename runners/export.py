@@ -76,8 +76,7 @@ def load_checkpoint(
                 "were saved), so the processor is unknown: pass --config with the training YAML."
             )
         datamodule = VLMDataModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    if datamodule.fusion is None:  # as VLMDataModule.setup: the model's fusion
-        datamodule.fusion = module.config.fusion
+    datamodule.connect(module)  # the model's tokenizer, recipe, fusion and visual tokens per tile
     return module.eval(), datamodule.processor
 
 

@@ -12,8 +12,9 @@ before the text unless the context places them with ``<image>`` (like lmms-eval'
 Loading: ``pretrained`` is a Lightning checkpoint (``.ckpt``) of ``lit_modules.VLMModule`` (its
 hyper-parameters rebuild the model, as ``validate --ckpt_path``) or a transformers Idefics2/Idefics3
 folder (``VLMModule(from_transformers=...)``, tokenizer from the same folder unless ``tokenizer``).
-The processor settings (``recipe``, ``image_seq_len``, ``image_processor`` as a JSON object) are
-``EvalDataModule``'s, with its defaults, and must match the model, as in ``configs/eval/*.yaml``.
+The processor is the model's (``vlm.processing.contract``: its tokenizer, recipe, fusion and visual
+tokens per tile) with ``image_processor`` (a JSON object) as the image settings, as in
+``configs/eval/*.yaml``; ``recipe`` / ``image_seq_len``, when given, must match the model.
 
 Registration (lmms-eval 0.7.3 resolves ``--model NAME`` in ``lmms_eval.models.get_model`` through
 ``ModelRegistryV2``, which reads the entry-point group ``lmms_eval.models``): ``setup.cfg`` declares::
@@ -28,7 +29,7 @@ and importing this module with lmms-eval installed also registers the class with
 variable needs a ``<plugin>.models`` package layout and is not supported. Then::
 
     lmms-eval --model idefics_lightning --tasks textvqa_val --batch_size 8 --model_args \\
-      'pretrained=CKPT,recipe=idefics2,image_seq_len=64,precision=bf16-mixed,image_processor=IMAGE'
+      'pretrained=CKPT,precision=bf16-mixed,image_processor=IMAGE'
     # IMAGE: a JSON object, e.g. {"longest_edge":980,"shortest_edge":378,"do_image_splitting":false}
 
 or, without the entry point, ``lmms_eval.evaluator.simple_evaluate(model=IdeficsLightning(...), ...)``.
@@ -68,7 +69,8 @@ from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts, gener
 from vlm.evaluation.prompts import STOP_WORDS, Document, format_prompt, plain_text, render_chat_text
 from vlm.evaluation.scoring import PromptScorer
 from vlm.language_model import resolve_path
-from vlm.processing import ImageProcessor, VLMProcessor
+from vlm.processing import Recipe
+from vlm.processing.contract import connect
 
 try:
     from lmms_eval.api.model import lmms as _LMMSBase
@@ -160,8 +162,9 @@ class IdeficsLightning(_LMMSBase):
     - ``pretrained``: a ``.ckpt`` of ``VLMModule`` or a transformers Idefics2/Idefics3 folder;
       ``tokenizer``: ``None`` (the checkpoint's / the folder's) or a path or hub name.
     - ``chat``: training's chat template (instruction models); ``False``: plain text (base models).
-    - ``recipe``, ``image_seq_len``, ``image_processor`` (``ImageProcessor`` keyword arguments, a dict or
-      a JSON object string): as ``EvalDataModule``'s, they must match the model.
+    - ``image_processor`` (``ImageProcessor`` keyword arguments, a dict or a JSON object string); the
+      recipe, fusion and visual tokens per tile are the model's (``recipe`` / ``image_seq_len``, when
+      given, must match them).
     - ``max_new_tokens``: used when the task's ``generation_kwargs`` give none (``None``: the module's
       ``val_max_new_tokens``).
     - ``precision``: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast, as the Lightning trainer's);
@@ -176,8 +179,8 @@ class IdeficsLightning(_LMMSBase):
         pretrained: str,
         chat: bool = True,
         tokenizer: str | None = None,
-        recipe: Literal["idefics2", "idefics3"] = "idefics2",
-        image_seq_len: int = 64,
+        recipe: Recipe | None = None,
+        image_seq_len: int | None = None,
         image_processor: dict[str, Any] | str | None = None,
         max_new_tokens: int | None = None,
         precision: str = "32-true",
@@ -201,12 +204,9 @@ class IdeficsLightning(_LMMSBase):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
         self._device = torch.device(device)
         self.module = load_module(pretrained, tokenizer).to(self._device)
-        self.processor = VLMProcessor(
-            self.module.tokenizer,
-            ImageProcessor(recipe, **dict(image_processor or {})),
-            image_seq_len,
-            fusion=self.module.config.fusion,
-        )
+        given = {"recipe": recipe, "image_seq_len": image_seq_len}
+        settings = connect(self.module, dict(image_processor or {}), given, prefix="model_args")
+        self.processor = settings.processor(dict(image_processor or {}), self.module.tokenizer)
         self._warned_sampling = False
 
     # --- lmms-eval's model interface -----------------------------------------------------------

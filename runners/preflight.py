@@ -7,7 +7,8 @@ special): the trainer's accelerator / devices / num_nodes against the CUDA devic
 here, every ``pretrained`` / ``from_transformers`` / ``tokenizer`` value of the model and data against
 the file system and the Hugging Face cache, every ``urls`` of the data against its environment
 variables and shards. It returns what is missing, what the recipe expects, and the CPU twin
-(``<config dir>/tiny/<same name>``) when there is one; ``None`` when nothing is missing.
+(the overlay ``<config dir>/tiny/<same name>``, given after the recipe) when there is one; ``None``
+when nothing is missing.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def preflight_report(config: dict[str, Any], config_files: Sequence[str] = ()) -
     twin = os.path.join(os.path.dirname(name), "tiny", os.path.basename(name))
     if config_files and os.path.isfile(twin):
         lines.append(
-            f"Its CPU twin runs here (tiny model, synthetic data): python -m lightning fit --config {twin}"
+            "Its CPU twin runs here (tiny model, synthetic data; an overlay on this recipe): "
+            f"python -m lightning fit --config {name} --config {twin}"
         )
     return "\n".join(lines)

@@ -246,8 +246,11 @@ AUTOREGRESSIVE = [(a, v) for a, v in FULL_VARIANTS if a not in ("lm_backbone", "
 
 @pytest.mark.parametrize("tiny", [False, True], ids=["full", "tiny"])
 def test_visual_tokens_per_image_match_the_data(tiny, print_dir):
-    """Under autoregressive fusion the processor writes ``image_seq_len`` <image> tokens per image: the
-    connector must output that many (per-patch connectors: the patch grid of the processed image)."""
+    """Under autoregressive fusion the processor writes ``image_seq_len`` <image> tokens per image, derived
+    from the model (``vlm.processing.contract``): the connector must output that many for the images the
+    processor makes (per-patch connectors: the patch grid of the processed image)."""
+    from vlm.processing.contract import connect
+
     for axis, variant in AUTOREGRESSIVE:
         config = printed(axis, variant, tiny, print_dir)
         if config["model"]["init_args"]["model"]["fusion"] != "autoregressive":
@@ -259,7 +262,9 @@ def test_visual_tokens_per_image_match_the_data(tiny, print_dir):
                 axis,
                 variant,
             )  # square: fixed grid
-        assert connector_tokens(config) == config["data"]["init_args"]["image_seq_len"], (axis, variant)
+        images = config["data"]["init_args"]["image_processor"]
+        derived = connect(build_module(config["model"]["init_args"]), images, {}).image_seq_len
+        assert connector_tokens(config) == derived, (axis, variant)
 
 
 TINY_VARIANTS = FULL_VARIANTS
@@ -287,7 +292,8 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
             assert params and all(
                 "lora_" in n or n.endswith(("embed_tokens.weight", "lm_head.weight")) for n in params
             )
-    data = VLMDataModule(**{**config["data"]["init_args"], "fusion": module.config.fusion})
+    data = VLMDataModule(**config["data"]["init_args"])
+    data.connect(module)  # the model's tokenizer, recipe, fusion and visual tokens per tile
     rng = random.Random(0)
     scene = random_scene(rng)
     question, answer = scene.qa_pairs()[0]

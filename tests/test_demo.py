@@ -22,8 +22,9 @@ from datamodules.held_out import question_items
 from datamodules.sample import Sample
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
+from lit_modules import VLMModule
 from runners.cli import main
-from vlm.config import IMAGE_TOKEN
+from vlm.config import IMAGE_TOKEN, VLMConfig
 from vlm.evaluation.batch import collate_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,12 @@ def test_demo_config_parses_and_is_self_consistent(monkeypatch):
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert config["model"]["class_path"] == "lit_modules.VLMModule"
     assert config["data"]["class_path"] == "datamodules.VLMDataModule"
-    patch, images = model["model"]["vision"]["patch_size"], data["image_processor"]
-    patches = (images["longest_edge"] // patch) * (images["shortest_edge"] // patch)
-    assert model["model"]["connector"]["type"] == "mlp" and data["image_seq_len"] == patches  # one per patch
+    images = data["image_processor"]
+    assert model["image_shape"] == [images["shortest_edge"], images["longest_edge"]]  # the 48x32 images
+    assert model["model"]["connector"]["type"] == "mlp"  # one token per patch: 24 per image
+    assert not {"tokenizer", "recipe", "image_seq_len", "fusion"} & set(data)  # the model's
+    module = VLMModule(VLMConfig.from_dict(model["model"]), image_shape=model["image_shape"])
+    assert module.processor_settings().image_seq_len == 24
     sources = (*data["sources"], *data["val_sources"])
     assert all(source["max_seq_len"] == data["max_seq_len"] for source in sources)
     assert set(model["policy"].values()) == {"full"}  # from scratch: everything trained

@@ -18,7 +18,7 @@ from lit_modules.optim import no_weight_decay, param_groups
 from lit_modules.policy import TrainingPolicy, apply_policy
 from lit_modules.sharding import checkpoint_blocks, shard
 from vlm.config import ConnectorConfig, VisionConfig, get_preset
-from vlm.connectors import CONNECTORS, Connector, register_connector
+from vlm.connectors import CONNECTORS, Connector, register_connector, visual_tokens_per_tile
 from vlm.model import VisionLanguageModel
 from vlm.vision import VISION_BACKENDS, VisionTower, register_vision_backend
 
@@ -71,6 +71,9 @@ class QueryStack(Connector):
     def no_weight_decay(self) -> set[str]:
         return {"query_tokens"}
 
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        return self.query_tokens.shape[0]
+
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         weights = torch.ones(features.shape[:2]) if patch_mask is None else patch_mask.float()
         pooled = (features * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
@@ -105,6 +108,11 @@ def batch(model: VisionLanguageModel) -> dict[str, Tensor]:
 
 def test_registered_tower_and_connector_get_adapters_fsdp_units_and_decay_as_declared(odd_model, tmp_path):
     model = odd_model
+    assert (
+        visual_tokens_per_tile(model.config)
+        == QUERIES
+        == model.encode_images(torch.randn(1, 3, 32, 32)).shape[1]
+    )
     policy = TrainingPolicy(vision_tower="lora", connector="full", language_model="frozen")
     apply_policy(model, policy)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}

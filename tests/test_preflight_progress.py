@@ -19,10 +19,16 @@ from callbacks.progress import progress_callbacks
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lightning_fit(config: str, cwd: Path, stdout, timeout: float) -> subprocess.CompletedProcess:
+def _lightning_fit(configs: list[str], cwd: Path, stdout, timeout: float) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "DATA_ROOT"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    args = [sys.executable, "-m", "lightning", "fit", "--config", str(ROOT / config)]
+    args = [
+        sys.executable,
+        "-m",
+        "lightning",
+        "fit",
+        *(a for c in configs for a in ("--config", str(ROOT / c))),
+    ]
     return subprocess.run(
         args, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout
     )
@@ -32,7 +38,7 @@ def _lightning_fit(config: str, cwd: Path, stdout, timeout: float) -> subprocess
 @pytest.mark.parametrize("name", ["idefics2", "idefics3_sft"])
 def test_full_recipe_on_this_machine_stops_with_what_is_missing(name, tmp_path):
     start = time.monotonic()
-    result = _lightning_fit(f"configs/{name}.yaml", tmp_path, subprocess.PIPE, timeout=120)
+    result = _lightning_fit([f"configs/{name}.yaml"], tmp_path, subprocess.PIPE, timeout=120)
     assert time.monotonic() - start < 60
     assert result.returncode != 0
     error = result.stderr
@@ -52,7 +58,8 @@ def test_full_recipe_on_this_machine_stops_with_what_is_missing(name, tmp_path):
 def test_redirected_stdout_gets_plain_progress_lines(tmp_path):
     log = tmp_path / "out.txt"
     with open(log, "w") as stdout:
-        result = _lightning_fit("configs/tiny/idefics3_sft.yaml", tmp_path, stdout, timeout=300)
+        twin = ["configs/idefics3_sft.yaml", "configs/tiny/idefics3_sft.yaml"]  # the recipe + its CPU overlay
+        result = _lightning_fit(twin, tmp_path, stdout, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == [f"step {s}/4 ({25 * s}%)" for s in range(1, 5)]

@@ -1,5 +1,6 @@
-"""The training recipes: ``configs/{idefics2,idefics2_sft,idefics2_chatty,idefics3,idefics3_sft}.yaml`` and
-their CPU twins ``configs/tiny/*.yaml``.
+"""The training recipes: ``configs/{idefics2,idefics2_sft,idefics2_chatty,idefics3,idefics3_sft}.yaml`` (their
+data sections in ``configs/data/``) and their CPU twins, the overlays ``configs/tiny/*.yaml``
+(``--config configs/<name>.yaml --config configs/tiny/<name>.yaml``).
 
 - Every full-scale config resolves offline with ``python -m lightning fit --config ... --print_config``,
   and the resolved config holds the papers' numbers (global batch, stages, resolutions, mixtures,
@@ -31,20 +32,17 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback
+from recipe_configs import CONFIGS, load, twin_args
 
 from callbacks import NEFTune, StageTransition
 from callbacks.stages import Stage
 from lit_modules import TrainingPolicy, VLMModule
 from runners.cli import main
+from vlm.config import VLMConfig
+from vlm.connectors import visual_tokens_per_tile
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 FULL = ("idefics2", "idefics2_sft", "idefics2_chatty", "idefics3", "idefics3_sft")
 TINY_DATA = "lightning_logs/tiny/data"  # the twins' data_root, relative to the working directory
-
-
-def load(name: str, tiny: bool = False) -> dict[str, Any]:
-    return yaml.safe_load((CONFIGS / ("tiny" if tiny else "") / f"{name}.yaml").read_text())
 
 
 def callback_args(config: dict, class_path: str) -> dict | None:
@@ -131,9 +129,11 @@ def check_idefics2_chatty(config: dict) -> None:
 def check_idefics3(config: dict) -> None:
     """Idefics3 §5.2.1 / Table 3: 3 stages, frozen backbones then DoRA, 364 -> 1820 px during
     stage 1, sequence length 10k, batch 1024, synthetic data and a cosine to 0 in the last stage."""
-    data = config["data"]["init_args"]
+    data, model = config["data"]["init_args"], config["model"]["init_args"]
     assert global_batch(config) == 1024
-    assert data["recipe"] == "idefics3" and data["image_seq_len"] == 169
+    tile = data["image_processor"]["tile_size"]
+    assert model["recipe"] == "idefics3" and tile == 364
+    assert visual_tokens_per_tile(VLMConfig.from_dict(model["model"]), (tile, tile)) == 169  # the data's
     table = stage_table(config)
     names = [s["name"].split(" ")[0] for s in table]
     assert names == ["stage-1a", "stage-1b", "stage-1c", "stage-1d", "stage-1e", "stage-2", "stage-3"]
@@ -225,6 +225,56 @@ def test_python_m_lightning_print_config_works_offline_for_every_recipe(tmp_path
     check_subprocesses(FULL, tmp_path)
 
 
+def print_config(config_args: list[str], capsys) -> dict[str, Any]:
+    """The config the CLI resolves from ``config_args`` (``fit ... --print_config``, in this process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_overlay_keeps_its_recipes_structure_and_the_recipe_alone_is_unchanged(
+    name, tmp_path, capsys, monkeypatch
+):
+    """As the CLI resolves them: the recipe with its tiny overlay keeps the recipe's classes, callbacks (in
+    order, plus TorchThreads), stages (names, policies, mixtures), recipe and fusion; the recipe alone
+    keeps its own hardware, weights and data (the overlay only applies when given)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    monkeypatch.setattr(sys, "argv", [name])
+    full = print_config(["--config", str(CONFIGS / f"{name}.yaml")], capsys)
+    both = print_config(twin_args(name), capsys)
+    for section in ("model", "data"):
+        assert full[section]["class_path"] == both[section]["class_path"]
+    classes = [c["class_path"] for c in full["trainer"]["callbacks"]]
+    assert [c["class_path"] for c in both["trainer"]["callbacks"]] == [
+        *classes,
+        "callbacks.threads.TorchThreads",
+    ]
+    for big, small in zip(stage_table(full), stage_table(both), strict=True):
+        assert (big["name"], big["policy"], big.get("mixture")) == (
+            small["name"],
+            small["policy"],
+            small.get("mixture"),
+        )
+    for key in ("recipe", "fusion"):
+        assert full["model"]["init_args"][key] == both["model"]["init_args"][key]
+    raw = load(name)
+    assert (
+        full["trainer"]["accelerator"]
+        == raw["trainer"]["accelerator"]
+        == "gpu"
+        != both["trainer"]["accelerator"]
+    )
+    assert full["model"]["init_args"]["tokenizer"] == raw["model"]["init_args"]["tokenizer"] != "tiny"
+    assert both["model"]["init_args"]["tokenizer"] == "tiny"
+    urls = [s["urls"] for s in full["data"]["init_args"]["sources"]]
+    assert urls == [s["urls"] for s in raw["data"]["init_args"]["sources"]]
+    assert all(TINY_DATA in str(s["urls"]) for s in both["data"]["init_args"]["sources"])
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("name", FULL)
 def test_tiny_twin_mirrors_its_recipe(name):
     """Same stages (names, order, which fields each sets), policies, mixture sources, callbacks and data
@@ -241,7 +291,7 @@ def test_tiny_twin_mirrors_its_recipe(name):
         if c["class_path"].startswith("callbacks.") and c["class_path"] != "callbacks.threads.TorchThreads"
     ]
     full_data, tiny_data = full["data"]["init_args"], tiny["data"]["init_args"]
-    for key in ("recipe", "mode", "shuffle_turns"):
+    for key in ("mode", "shuffle_turns"):
         assert full_data.get(key) == tiny_data.get(key), key
     assert full_data["image_processor"].get("split_fraction") == tiny_data["image_processor"].get(
         "split_fraction"
@@ -250,14 +300,14 @@ def test_tiny_twin_mirrors_its_recipe(name):
         (s["source"], s["weight"]) for s in tiny_data["sources"]
     ]
     full_model, tiny_model = full["model"]["init_args"], tiny["model"]["init_args"]
-    for key in ("policy", "schedule", "min_lr", "weight_decay", "activation_checkpointing"):
+    for key in ("recipe", "policy", "schedule", "min_lr", "weight_decay", "activation_checkpointing"):
         assert full_model.get(key) == tiny_model.get(key), key
     for part, key in (("vision", "backend"), ("vision", "patch_mask_rule"), ("connector", "type")):
         assert full_model["model"][part][key] == tiny_model["model"][part][key], (part, key)
     assert full_model["model"]["language"]["model_type"] == tiny_model["model"]["language"]["model_type"]
     assert full_model["model"]["fusion"] == tiny_model["model"]["fusion"]
     # CPU, one process, synthetic shards for every source it reads, under data_root
-    assert tiny["trainer"]["accelerator"] == "cpu" and "strategy" not in tiny["trainer"]
+    assert tiny["trainer"]["accelerator"] == "cpu" and tiny["trainer"].get("strategy", "auto") == "auto"
     assert tiny_data["data_root"] == TINY_DATA and tiny_model["tokenizer"] == "tiny"
     assert set(tiny_data["synthetic"]) == {s["source"] for s in tiny_data["sources"]}
     for source in tiny_data["sources"]:
@@ -534,9 +584,8 @@ def workdir(tmp_path_factory) -> Path:
 def run_twin(name: str, workdir: Path, monkeypatch, *overrides: str):
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", [name])  # LightningCLI is given its args: no pytest ones
-    config = CONFIGS / "tiny" / f"{name}.yaml"
     recorder = f"{StageRecorder.__module__}.{StageRecorder.__qualname__}"
-    return main(["fit", "--config", str(config), f"--trainer.callbacks+={recorder}", *overrides])
+    return main(["fit", *twin_args(name), f"--trainer.callbacks+={recorder}", *overrides])
 
 
 def normalised(mixture: dict[str, float], sources: list[str]) -> list[float]:
@@ -548,7 +597,7 @@ def test_model_fusion_override_alone_switches_the_data_too(workdir, monkeypatch)
     """``--model.fusion cross_attention`` on a recipe: the DataModule follows the model (its ``fusion``
     defaults to the LightningModule's), so the text gets one ``<image>`` marker per image."""
     cli = run_twin("idefics2", workdir, monkeypatch, "--model.fusion=cross_attention")
-    assert cli.model.config.fusion == cli.datamodule.fusion == "cross_attention"
+    assert cli.model.config.fusion == cli.datamodule.processor.fusion == "cross_attention"
     assert cli.trainer.global_step == load("idefics2", tiny=True)["trainer"]["max_steps"]
 
 
@@ -562,7 +611,7 @@ def test_tiny_twin_trains_through_every_stage(name, workdir, monkeypatch):
     max_steps = config["trainer"]["max_steps"]
     assert trainer.global_step == max_steps and sorted(recorder.steps) == list(range(max_steps))
     sources = [s["source"] for s in config["data"]["init_args"]["sources"]]
-    recipe = config["data"]["init_args"]["recipe"]
+    recipe = config["model"]["init_args"]["recipe"]
     tile = config["data"]["init_args"]["image_processor"].get("tile_size")
     for step, seen in recorder.steps.items():
         index = max(i for i, s in enumerate(table) if s["start_step"] <= step)

@@ -10,20 +10,17 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import yaml
+from recipe_configs import load
 
 from datamodules import VLMDataModule
 from datamodules.sources import iter_samples, shard_names
 from datamodules.synthetic import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
-SFT_TWIN = ROOT / "configs" / "tiny" / "idefics2_sft.yaml"
-
 
 def sft_twin_data(data_root: Path) -> VLMDataModule:
     """The data of the Idefics2 SFT twin (turn shuffling, image splitting on half of the samples),
     its synthetic shards written under ``data_root`` (an absolute path, as a user would give)."""
-    args = yaml.safe_load(SFT_TWIN.read_text())["data"]["init_args"]
+    args = load("idefics2_sft", tiny=True)["data"]["init_args"]
     relative = args["data_root"]
     args["data_root"] = str(data_root)
     for source in args["sources"]:

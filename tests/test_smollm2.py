@@ -46,7 +46,6 @@ def recipe_args(tmp_path: Path, converted: Path, n_train: int = 16, n_val: int =
         str(CONFIG),
         f"--model.tokenizer={converted}",
         f"--model.model.language.pretrained={converted}",
-        f"--data.tokenizer={converted}",
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         f"--data.data_root={data}",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from vlm.config import ConnectorConfig
+from vlm.config import ConnectorConfig, VLMConfig
 
 
 class RMSNorm(nn.Module):
@@ -61,8 +61,10 @@ class Connector(nn.Module):
     """Base class: ``forward(features, grid, patch_mask) -> visual tokens``.
 
     A connector declares what the training code needs to know about it: its repeated blocks (FSDP2 and
-    activation-checkpointing units), its parameters that take no weight decay, and whether its output
-    ignores padded patches (``ignores_padding``: then the tower may leave them out, packed or cropped).
+    activation-checkpointing units), its parameters that take no weight decay, whether its output
+    ignores padded patches (``ignores_padding``: then the tower may leave them out, packed or cropped),
+    and how many visual tokens a tile's patch grid becomes (``tokens_per_tile``: the processor's
+    ``image_seq_len``, see ``visual_tokens_per_tile``).
     """
 
     ignores_padding: bool = False
@@ -79,6 +81,10 @@ class Connector(nn.Module):
         ones, which never do: learned queries / latents."""
         return set()
 
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        """The number of visual tokens ``forward`` makes of one tile (or image) of ``grid`` (h, w) patches."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its tokens_per_tile(grid).")
+
 
 class ProjectionConnector(Connector):
     """Per-patch projection (``linear`` or gated ``mlp``): as many visual tokens as patches."""
@@ -92,6 +98,9 @@ class ProjectionConnector(Connector):
 
     def repeated_blocks(self) -> list[nn.Module]:
         return []
+
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        return grid[0] * grid[1]
 
 
 class PerceiverAttention(nn.Module):
@@ -179,16 +188,28 @@ class PerceiverConnector(Connector):
     def no_weight_decay(self) -> set[str]:
         return {"perceiver_resampler.latents"}
 
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        return self.perceiver_resampler.latents.shape[0]
+
+
+def shuffled_tokens(grid: tuple[int, int], scale: int) -> int:
+    """Tokens of a (h, w) patch grid after a pixel shuffle by ``scale``; the grid must divide by it."""
+    h, w = grid
+    if h % scale or w % scale:
+        raise ValueError(
+            f"pixel_shuffle needs a patch grid divisible by connector.scale_factor={scale}; got grid "
+            f"{h}x{w}. Use image/tile sides that are multiples of patch_size * scale_factor."
+        )
+    return h * w // scale**2
+
 
 def pixel_shuffle(features: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
     """Space-to-depth: (n, h*w, d) -> (n, h*w/scale^2, d*scale^2), in transformers' Idefics3 order."""
     n, seq, dim = features.shape
     h, w = grid
-    if h * w != seq or h % scale or w % scale:
-        raise ValueError(
-            f"pixel_shuffle needs a patch grid divisible by connector.scale_factor={scale}; got grid {h}x{w} "
-            f"for {seq} patches. Use image/tile sides that are multiples of patch_size * scale_factor."
-        )
+    if h * w != seq:
+        raise ValueError(f"pixel_shuffle got grid {h}x{w} for {seq} patches.")
+    shuffled_tokens(grid, scale)
     x = features.view(n, h, w // scale, dim * scale).permute(0, 2, 1, 3)
     x = x.reshape(n, w // scale, h // scale, dim * scale * scale).permute(0, 2, 1, 3)
     return x.reshape(n, seq // (scale * scale), dim * scale * scale)
@@ -207,6 +228,9 @@ class PixelShuffleConnector(Connector):
 
     def repeated_blocks(self) -> list[nn.Module]:
         return []
+
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        return shuffled_tokens(grid, self.scale_factor)
 
 
 class MappingNetworkConnector(Connector):
@@ -242,6 +266,9 @@ class MappingNetworkConnector(Connector):
 
     def no_weight_decay(self) -> set[str]:
         return {"queries"}
+
+    def tokens_per_tile(self, grid: tuple[int, int]) -> int:
+        return self.queries.shape[0]
 
     def forward(self, features: Tensor, grid: tuple[int, int], patch_mask: Tensor | None = None) -> Tensor:
         n = features.shape[0]
@@ -301,3 +328,26 @@ def build_connector(
             "(vlm.connectors.register_connector adds one)."
         )
     return CONNECTORS[cfg.type](cfg, vision_dim, text_dim, text_intermediate)
+
+
+def visual_tokens_per_tile(config: VLMConfig, tile: tuple[int, int] | None = None) -> int:
+    """Visual tokens the model of ``config`` makes per tile of ``tile`` (height, width) pixels (default:
+    the tower's ``image_size`` square): the processor's ``image_seq_len``, the same for either fusion.
+
+    Asked of the connector itself (``Connector.tokens_per_tile``, so registered connectors answer too),
+    built on the meta device: no weights, no memory. The widths do not change the count, so a backbone
+    loaded from a path (whose sizes the config may leave out) is stood in for by the config's sizes.
+    """
+    height, width = tile or (config.vision.image_size, config.vision.image_size)
+    patch = config.vision.patch_size
+    if height % patch or width % patch:
+        raise ValueError(
+            f"A {height}x{width} px tile is not a whole number of vision.patch_size={patch} patches."
+        )
+    text = config.language.config
+    text_dim = text.get("hidden_size", config.vision.hidden_size)
+    with torch.device("meta"):
+        connector = build_connector(
+            config.connector, config.vision.hidden_size, text_dim, text.get("intermediate_size", 4 * text_dim)
+        )
+    return connector.tokens_per_tile((height // patch, width // patch))

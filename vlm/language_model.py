@@ -46,10 +46,19 @@ def resolve_path(path: str | Path) -> str:
     return os.path.expanduser(os.path.expandvars(str(path)))
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved beside a language model (local directory, ``~`` and ``${VAR}``
-    expanded, or hub name)."""
-    return AutoTokenizer.from_pretrained(resolve_path(path))
+#: ``load_tokenizer``'s name of the tiny offline tokenizer (``vlm/assets``) of the tests, demo and tiny twins.
+TINY_TOKENIZER = "tiny"
+
+
+def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer called ``name`` in configs: ``"tiny"`` (``TINY_TOKENIZER``, shipped, offline), or the
+    one saved beside a language model (local directory, ``~`` and ``${VAR}`` expanded, or hub name)."""
+    if str(name) == TINY_TOKENIZER:
+        # Imported here: vlm.processing imports this module.
+        from vlm.processing.tokenizer import load_tiny_tokenizer
+
+        return load_tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(resolve_path(name))
 
 
 def build_language_model(

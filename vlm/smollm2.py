@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     if out != Path(DEFAULT_CACHE / FOLDER_NAME).expanduser():
         print(
             f"configs/smolvlm_cpu.yaml reads {DEFAULT_CACHE / FOLDER_NAME}; for this folder add: "
-            f"--model.tokenizer {out} --model.model.language.pretrained {out} --data.tokenizer {out}"
+            f"--model.tokenizer {out} --model.model.language.pretrained {out}"
         )
     return out
 

@@ -7,7 +7,7 @@ scale; ``tiny_base``, CPU twin) and lists variants as config overrides on it::
     base: configs/idefics2.yaml
     tiny_base: configs/demo.yaml
     full: {trainer.max_steps: 6000}                 # every full-scale variant (the paper's ablation setup)
-    tiny: {data.init_args.image_seq_len: 8}          # every tiny variant
+    tiny: {model.init_args.model.connector.num_latents: 8}   # every tiny variant
     variants:
       fa_frozen:
         paper: 60.3                                  # the paper's score of this row

@@ -64,7 +64,10 @@ class Axis:
 
     def config(self, variant: str, tiny: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The variant's full config: the base YAML with the overrides applied."""
-        config = yaml.safe_load(self.base(tiny).read_text())
+        base = self.base(tiny)
+        config = yaml.safe_load(base.read_text())
+        if isinstance(config.get("data"), str):  # `data: data/<name>.yaml`, relative to the recipe
+            config["data"] = yaml.safe_load((base.parent / config["data"]).read_text())
         return apply_overrides(config, {**self.overrides(variant, tiny), **(extra or {})})
 
 

@@ -112,8 +112,9 @@ def final_resolution(train: dict) -> int | None:
 
 
 def eval_data_overrides(train: dict) -> dict[str, Any]:
-    """The evaluated model's processor settings: tokenizer, recipe, tokens per image and image processing
-    (the longest edge capped at the resolution training ended with)."""
+    """The evaluated model's image processing (the longest edge capped at the resolution training ended
+    with) and tokenizer; the recipe and visual tokens per tile are the checkpoint's model's (the
+    ``EvalDataModule`` connects to it)."""
     data = train["data"]["init_args"]
     images = dict(data.get("image_processor") or {})
     resolution = final_resolution(train)
@@ -121,9 +122,6 @@ def eval_data_overrides(train: dict) -> dict[str, Any]:
         images["longest_edge"] = min(resolution, images.get("longest_edge") or resolution)
         images["shortest_edge"] = min(images.get("shortest_edge", resolution), images["longest_edge"])
     return {
-        "data.init_args.tokenizer": data.get("tokenizer", "tiny"),
-        "data.init_args.recipe": data.get("recipe", "idefics2"),
-        "data.init_args.image_seq_len": data.get("image_seq_len", 64),
         "data.init_args.image_processor": images,
         "model.init_args.tokenizer": train["model"]["init_args"].get("tokenizer"),
     }

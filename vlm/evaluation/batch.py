@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 from torch import Tensor
 
 from vlm.evaluation.prompts import Document, chat_messages, plain_text, render_chat_text
-from vlm.processing import VLMProcessor
+from vlm.processing import VLMProcessor, build_processor
 from vlm.processing.processor import GENERATION_INPUTS, prompt_inputs
 
 PROMPT_PREFIX = "prompt_"
@@ -80,7 +80,7 @@ def _capped(processor: VLMProcessor, items: Sequence[PromptItem]) -> VLMProcesso
     if not limits or min(limits) >= processor.image_processor.longest_edge:
         return processor
     image_processor = dataclasses.replace(processor.image_processor, longest_edge=min(limits))
-    return VLMProcessor(
+    return build_processor(
         processor.tokenizer, image_processor, processor.image_seq_len, fusion=processor.fusion
     )
 

@@ -5,8 +5,9 @@
 budget, no upscaling of small images, split fraction, random up-scaling) and SFT labels.
 """
 
+from vlm.processing.contract import ProcessorSettings, Recipe
 from vlm.processing.image import ImageLayout, ImageProcessor, ProcessedImages, load_image, to_rgb
-from vlm.processing.processor import VLMProcessor
+from vlm.processing.processor import VLMProcessor, build_processor
 from vlm.processing.text import apply_chat_template, build_labels, expand_image_tokens
 from vlm.processing.tokenizer import load_tiny_tokenizer
 
@@ -14,9 +15,12 @@ __all__ = [
     "ImageLayout",
     "ImageProcessor",
     "ProcessedImages",
+    "ProcessorSettings",
+    "Recipe",
     "VLMProcessor",
     "apply_chat_template",
     "build_labels",
+    "build_processor",
     "expand_image_tokens",
     "load_image",
     "load_tiny_tokenizer",

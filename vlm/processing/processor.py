@@ -26,7 +26,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature, Idefics2Pro
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from vlm.config import IMAGE_TOKEN, RECIPE_SPECIAL_TOKENS
-from vlm.language_model import add_special_tokens
+from vlm.language_model import add_special_tokens, load_tokenizer
 from vlm.processing.image import ImageProcessor, ProcessedImages, load_image
 from vlm.processing.text import (
     Fusion,
@@ -145,10 +145,10 @@ class VLMProcessor:
     def from_transformers(cls, processor: Any) -> VLMProcessor:
         """The equivalent of a transformers ``Idefics2Processor`` / ``Idefics3Processor`` (its tokenizer,
         image settings and image sequence length): how to start from a released model's processor."""
-        return cls(
+        return build_processor(
             processor.tokenizer,
             ImageProcessor.from_transformers(processor.image_processor),
-            image_seq_len=processor.image_seq_len,
+            processor.image_seq_len,
             pil_rgb_inputs=isinstance(processor, Idefics2Processor),
         )
 
@@ -162,7 +162,7 @@ class VLMProcessor:
             return cls.from_transformers(AutoProcessor.from_pretrained(path, **kwargs))
         config = json.loads(config_file.read_text())
         image_processor = ImageProcessor.from_dict(config.pop("image_processor"))
-        return cls(AutoTokenizer.from_pretrained(path, **kwargs), image_processor, **config)
+        return build_processor(AutoTokenizer.from_pretrained(path, **kwargs), image_processor, **config)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the tokenizer and the processor settings (``PROCESSOR_CONFIG``) to the folder ``path``,
@@ -364,6 +364,24 @@ class VLMProcessor:
             "tiles_per_sample": torch.tensor(processed.tiles_per_sample, dtype=torch.long),
             "tiles_per_image": torch.tensor(tiles_per_image, dtype=torch.long),
         }
+
+
+def build_processor(
+    tokenizer: str | PreTrainedTokenizerBase,
+    image_processor: ImageProcessor | Mapping[str, Any],
+    image_seq_len: int,
+    fusion: Fusion = "autoregressive",
+    **options: Any,
+) -> VLMProcessor:
+    """The one way a ``VLMProcessor`` is made from settings: ``tokenizer`` is a tokenizer or a name for
+    ``vlm.language_model.load_tokenizer`` (``"tiny"``, a path, a hub name), ``image_processor`` an
+    ``ImageProcessor`` or its keyword arguments (``recipe`` included); ``options``: ``pil_rgb_inputs``,
+    ``max_image_tokens_per_sample``."""
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(image_processor, ImageProcessor):
+        image_processor = ImageProcessor(**image_processor)
+    return VLMProcessor(tokenizer, image_processor, image_seq_len, fusion=fusion, **options)
 
 
 def _reject_unsupported(method: str, unsupported: dict[str, Any]) -> None:
