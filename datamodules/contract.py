@@ -12,9 +12,9 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-from vlm.processing import ProcessorSettings, Recipe, VLMProcessor
+from vlm.config import Fusion, Recipe
+from vlm.processing import ProcessorSettings, VLMProcessor
 from vlm.processing.contract import ProcessingModel, connect, default_settings
-from vlm.processing.text import Fusion
 
 
 class ModelProcessing:

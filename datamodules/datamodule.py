@@ -32,7 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.contract import ModelProcessing
-from datamodules.encoding import Mode, SampleEncoder
+from datamodules.encoding import SampleEncoder
 from datamodules.held_out import QuestionDataset
 from datamodules.index import index_shards
 from datamodules.mixture import MixtureConfig, SourceConfig
@@ -43,9 +43,9 @@ from datamodules.sources.base import RecordStats, get_reader, read_shard, shard_
 from datamodules.sources.shard_io import ShardIO
 from datamodules.streaming import PartitionedStream, ResumableLoader, StreamLayout
 from datamodules.synthetic import write_shards
+from vlm.config import Fusion, Recipe
 from vlm.evaluation.batch import collate_prompts
-from vlm.processing import Recipe
-from vlm.processing.text import Fusion, image_placeholder_token_ids
+from vlm.processing.text import LabelMode, image_placeholder_token_ids
 
 #: Seed offset of ``val_synthetic`` shards: validation records come from another random stream than
 #: the training ones (``synthetic``, written with ``seed``), so they are held out.
@@ -155,7 +155,7 @@ class VLMDataModule(ModelProcessing, LightningDataModule):
         image_seq_len: int | None = None,
         fusion: Fusion | None = None,
         image_processor: dict[str, Any] | None = None,
-        mode: Mode | dict[str, Mode] | None = None,
+        mode: LabelMode | dict[str, LabelMode] | None = None,
         shuffle_turns: bool = False,
         batch_size: int = 1,
         max_seq_len: int = 2048,
@@ -339,7 +339,7 @@ class VLMDataModule(ModelProcessing, LightningDataModule):
             max_tiles=self.max_tiles_per_row,
         )
 
-    def _modes(self) -> dict[str, Mode]:
+    def _modes(self) -> dict[str, LabelMode]:
         if isinstance(self.mode, dict):
             return dict(self.mode)
         sources = {s.source for s in [*self.mixture.sources, *self.val_sources]}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-from typing import Literal
 
 from PIL import Image
 
@@ -35,13 +34,12 @@ from datamodules.sample import Sample
 from datamodules.sources.base import RecordStats
 from vlm.config import IMAGE_TOKEN
 from vlm.processing import ImageProcessor, VLMProcessor
-from vlm.processing.text import IMAGE_PLACEHOLDER_TOKENS, shuffle_turns, turns_to_messages
+from vlm.processing.text import IMAGE_PLACEHOLDER_TOKENS, LabelMode, shuffle_turns, turns_to_messages
 
-Mode = Literal["pretraining", "sft"]
 CONVERSATION_SOURCES = frozenset({"cauldron", "docmatix", "text", "m4_sft"})
 
 
-def default_mode(source: str) -> Mode:
+def default_mode(source: str) -> LabelMode:
     """``sft`` for the conversation sources, ``pretraining`` for the others."""
     return "sft" if source in CONVERSATION_SOURCES else "pretraining"
 
@@ -77,7 +75,7 @@ class SampleEncoder:
         self,
         processor: VLMProcessor,
         *,
-        modes: dict[str, Mode] | None = None,
+        modes: dict[str, LabelMode] | None = None,
         training: bool = True,
         shuffle_turns: bool = False,
         seed: int = 0,
@@ -117,7 +115,7 @@ class SampleEncoder:
         self.stats.ok()
         return doc
 
-    def _problem(self, sample: Sample, mode: Mode) -> str | None:
+    def _problem(self, sample: Sample, mode: LabelMode) -> str | None:
         """Why ``sample`` cannot be encoded (a skip reason), or ``None``."""
         if mode == "pretraining":
             if any(isinstance(item, str) and _has_placeholder(item) for item in sample.content):

@@ -23,13 +23,12 @@ from datamodules.contract import ModelProcessing
 from datamodules.datamodule import expand_env
 from datamodules.held_out import question_items
 from datamodules.sources import iter_samples
+from vlm.config import Fusion, Recipe
 from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts
 from vlm.evaluation.benchmarks import Benchmark, Example, get_benchmark
 from vlm.evaluation.fewshot import documents, select_shots
 from vlm.evaluation.prompts import STOP_WORDS
 from vlm.evaluation.scoring import PromptScorer
-from vlm.processing import Recipe
-from vlm.processing.text import Fusion
 
 
 def question_examples(sources: Sequence[dict[str, Any]], limit: int | None = None) -> list[Example]:

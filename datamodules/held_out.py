@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from datamodules.sample import Sample
 from vlm.config import IMAGE_TOKEN
 from vlm.evaluation.batch import PromptItem
-from vlm.evaluation.prompts import Document
+from vlm.evaluation.prompts import PromptTurn
 
 
 def question_items(sample: Sample, max_questions: int | None = None) -> list[PromptItem]:
@@ -21,7 +21,7 @@ def question_items(sample: Sample, max_questions: int | None = None) -> list[Pro
     The prompt is the images and that one question only (no earlier turns: an earlier question such
     as "How many circles...?" would give away the answer to "What shape is drawn?"). The images go
     before the question unless the question places them with ``<image>`` (as ``SampleEncoder``;
-    ``Document.user_text``).
+    ``PromptTurn.user_text``).
     An item's id is the sample's key, with ``#<turn index>`` when the sample has several turns; its
     reference is the turn's answer (``""``: none).
     """
@@ -33,7 +33,7 @@ def question_items(sample: Sample, max_questions: int | None = None) -> list[Pro
         if placed and user.count(IMAGE_TOKEN) != len(images):
             continue  # images placed in another turn: this question alone does not show them
         key = sample.key if len(sample.turns) == 1 else f"{sample.key}#{index}"
-        out.append(PromptItem(key, [Document(images, user)], [answer], max_image_resolution=resolution))
+        out.append(PromptItem(key, [PromptTurn(images, user)], [answer], max_image_resolution=resolution))
     return out
 
 

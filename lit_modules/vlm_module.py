@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import inspect
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -31,7 +31,9 @@ from lit_modules.sharding import checkpoint_blocks, compile_decoder_blocks, shar
 from vlm.config import (
     ConnectorConfig,
     CrossAttentionConfig,
+    Fusion,
     LanguageConfig,
+    Recipe,
     VisionConfig,
     VLMConfig,
     get_preset,
@@ -43,10 +45,9 @@ from vlm.hf import config_from_transformers
 from vlm.hf import from_transformers as convert_from_transformers
 from vlm.language_model import TINY_TOKENIZER, load_tokenizer, resolve_path
 from vlm.model import VisionLanguageModel
-from vlm.processing import ProcessorSettings, Recipe
+from vlm.processing import ProcessorSettings
 from vlm.processing.contract import DEFAULT_PRESET, preset_recipe
 
-Fusion = Literal["autoregressive", "cross_attention"]
 FORWARD_KEYS = frozenset(inspect.signature(VisionLanguageModel.forward).parameters) - {"self"}
 
 # The hyper-parameters saved in checkpoints hold these dataclasses: let Lightning's weights-only

@@ -2,7 +2,7 @@
 
 The prompt is built by the same code as our harness (``vlm.evaluation.batch``): each lmms-eval
 context (the text the task's ``doc_to_text`` produced) becomes the user text of a
-``prompts.Document`` with the request's images, in a ``PromptItem`` rendered with training's chat
+``prompts.PromptTurn`` with the request's images, in a ``PromptItem`` rendered with training's chat
 template or, with ``chat=False``, as plain text for base models, and batched by ``collate_prompts``.
 Generation and cutting are ``vlm.evaluation.scoring.PromptScorer``'s (without a metric: lmms-eval
 scores): ``VLMModule.generate_answers`` (greedy, stops at eos / ``<end_of_utterance>``), then the text is
@@ -65,11 +65,11 @@ import torch
 from torch import Tensor
 
 from lit_modules import VLMModule
+from vlm.config import Recipe
 from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts, generation_inputs
-from vlm.evaluation.prompts import STOP_WORDS, Document, format_prompt, plain_text, render_chat_text
+from vlm.evaluation.prompts import STOP_WORDS, PromptTurn, format_prompt, plain_text, render_chat_text
 from vlm.evaluation.scoring import PromptScorer
 from vlm.language_model import resolve_path
-from vlm.processing import Recipe
 from vlm.processing.contract import connect
 
 try:
@@ -110,7 +110,7 @@ def lmms_eval_prompt_kwargs(kind: Literal["vqa"] = "vqa") -> dict[str, str]:
 class _Request:
     """One lmms-eval request, unpacked: the prompt's documents and the generation settings."""
 
-    documents: list[Document]
+    documents: list[PromptTurn]
     until: list[str]
     max_new_tokens: int | None
     continuation: str | None = None
@@ -268,21 +268,21 @@ class IdeficsLightning(_LMMSBase):
 
     # --- the shared prompt path ----------------------------------------------------------------
 
-    def documents(self, request: Any) -> list[Document]:
-        """The documents of a request's prompt: one ``Document`` (the context as user text, the images)."""
+    def documents(self, request: Any) -> list[PromptTurn]:
+        """The documents of a request's prompt: one ``PromptTurn`` (the context as user text, the images)."""
         return self._parse(request, loglikelihood=request.request_type == "loglikelihood").documents
 
-    def prompt_batch(self, documents: Sequence[list[Document]]) -> PromptBatch:
+    def prompt_batch(self, documents: Sequence[list[PromptTurn]]) -> PromptBatch:
         """The ``PromptBatch`` of these prompts, as ``EvalDataModule`` builds it (``collate_prompts``)."""
         items = [(i, PromptItem(str(i), docs)) for i, docs in enumerate(documents)]
         return collate_prompts(items, self.processor, self.chat)
 
-    def prompt_text(self, documents: list[Document]) -> str:
+    def prompt_text(self, documents: list[PromptTurn]) -> str:
         """A prompt's text before image expansion (what ``collate_prompts`` records as ``prompts``)."""
         return render_chat_text(documents) if self.chat else plain_text(documents)
 
     def generate_raw(
-        self, documents: Sequence[list[Document]], max_new_tokens: int | None = None
+        self, documents: Sequence[list[PromptTurn]], max_new_tokens: int | None = None
     ) -> list[str]:
         """``VLMModule.generate_answers`` on ``prompt_batch(documents)`` with ``max_new_tokens`` (``None``:
         the adapter's, else the module's ``val_max_new_tokens``), before stop words."""
@@ -313,7 +313,7 @@ class IdeficsLightning(_LMMSBase):
         if callable(doc_to_visual) or (loglikelihood and callable(second)):
             doc = self.task_dict[task][split][doc_id]
         images = _check_images(_as_list(doc_to_visual(doc))) if callable(doc_to_visual) else []
-        documents = [Document(images, context)]
+        documents = [PromptTurn(images, context)]
         if loglikelihood:
             continuation = second(doc) if callable(second) else second
             return _Request(documents, [], None, str(continuation))
@@ -353,7 +353,7 @@ class IdeficsLightning(_LMMSBase):
             return contextlib.nullcontext()
         return torch.autocast(self._device.type, dtype=dtype)
 
-    def _loglikelihood(self, documents: list[Document], continuation: str) -> tuple[float, bool]:
+    def _loglikelihood(self, documents: list[PromptTurn], continuation: str) -> tuple[float, bool]:
         batch = self.prompt_batch([documents])
         prompt_ids = batch["prompt_input_ids"][0]
         images = [image for doc in documents for image in doc.images]

@@ -278,7 +278,7 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     from datamodules.synthetic_content import draw_scene, random_scene
     from vlm.config import IMAGE_TOKEN
     from vlm.evaluation.batch import PromptItem, collate_prompts
-    from vlm.evaluation.prompts import Document
+    from vlm.evaluation.prompts import PromptTurn
 
     config = printed(axis, variant, True, print_dir)
     module = build_module(config["model"]["init_args"], device="cpu", weights=True)
@@ -298,7 +298,7 @@ def test_tiny_twin_builds_and_answers_through_its_processor(axis, variant, print
     scene = random_scene(rng)
     question, answer = scene.qa_pairs()[0]
     image = draw_scene(scene, rng)
-    item = PromptItem("k", [Document([image], IMAGE_TOKEN + question)], [answer])
+    item = PromptItem("k", [PromptTurn([image], IMAGE_TOKEN + question)], [answer])
     batch = collate_prompts([(0, item)], data.processor)
     module.eval()
     with torch.no_grad():

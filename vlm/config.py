@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
+#: How visual tokens reach the language model (``VLMConfig.fusion``).
+Fusion = Literal["autoregressive", "cross_attention"]
+#: A model family's image splitting and prompt layout (``ImageProcessor``, ``VLMProcessor``).
+Recipe = Literal["idefics2", "idefics3"]
+
 # Special tokens of both recipes, in the order the released tokenizers added them (so that the
 # ids appended to a base vocabulary match the released checkpoints: Idefics2 image token 32001,
 # Idefics3 image token 128257).
@@ -152,7 +157,7 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
-    fusion: Literal["autoregressive", "cross_attention"] = "autoregressive"
+    fusion: Fusion = "autoregressive"
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     image_token_id: int | None = None
 

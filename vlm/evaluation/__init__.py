@@ -7,18 +7,18 @@ from vlm.evaluation.batch import PromptBatch, PromptItem, collate_prompts, gener
 from vlm.evaluation.benchmarks import BENCHMARKS, Benchmark, Example, get_benchmark
 from vlm.evaluation.fakes import write_fake_benchmark
 from vlm.evaluation.fewshot import documents, select_shots
-from vlm.evaluation.prompts import STOP_WORDS, Document, apply_stop_words, format_prompt
+from vlm.evaluation.prompts import STOP_WORDS, PromptTurn, apply_stop_words, format_prompt
 from vlm.evaluation.scoring import PromptScorer, held_out_accuracy
 
 __all__ = [
     "BENCHMARKS",
     "STOP_WORDS",
     "Benchmark",
-    "Document",
     "Example",
     "PromptBatch",
     "PromptItem",
     "PromptScorer",
+    "PromptTurn",
     "apply_stop_words",
     "collate_prompts",
     "documents",

@@ -18,7 +18,7 @@ from typing import Any, TypedDict
 
 from torch import Tensor
 
-from vlm.evaluation.prompts import Document, chat_messages, plain_text, render_chat_text
+from vlm.evaluation.prompts import PromptTurn, chat_messages, plain_text, render_chat_text
 from vlm.processing import VLMProcessor, build_processor
 from vlm.processing.processor import GENERATION_INPUTS, prompt_inputs
 
@@ -38,7 +38,7 @@ class PromptItem:
     """
 
     id: str
-    documents: list[Document]
+    documents: list[PromptTurn]
     references: list[str] = field(default_factory=list)
     stop_words: list[str] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from vlm.evaluation.benchmarks import Example
-from vlm.evaluation.prompts import Document, PromptKind, format_prompt
+from vlm.evaluation.prompts import PromptKind, PromptTurn, format_prompt
 
 
 def select_shots(query: Example, support: Sequence[Example], k: int, seed: int) -> list[Example]:
@@ -31,7 +31,7 @@ def shot_answer(example: Example) -> str:
     return Counter(example.answers).most_common(1)[0][0]
 
 
-def documents(query: Example, shots: Sequence[Example], kind: PromptKind) -> list[Document]:
+def documents(query: Example, shots: Sequence[Example], kind: PromptKind) -> list[PromptTurn]:
     """The shots (with their answers) then the query, each prompted as ``kind`` (or its own ``prompt``)."""
 
     def text(example: Example) -> str:
@@ -41,5 +41,5 @@ def documents(query: Example, shots: Sequence[Example], kind: PromptKind) -> lis
             else format_prompt(kind, example.question, example.choices)
         )
 
-    docs = [Document(s.images, text(s), shot_answer(s)) for s in shots]
-    return [*docs, Document(query.images, text(query))]
+    docs = [PromptTurn(s.images, text(s), shot_answer(s)) for s in shots]
+    return [*docs, PromptTurn(query.images, text(query))]

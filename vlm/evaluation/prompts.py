@@ -48,7 +48,7 @@ def format_prompt(kind: PromptKind, question: str, choices: Sequence[str] = ()) 
 
 
 @dataclass(frozen=True)
-class Document:
+class PromptTurn:
     """One question of a prompt: its images, its user text and, for an in-context shot, its answer.
 
     ``text`` holds one ``<image>`` per image where the images go; without any, the images go
@@ -63,7 +63,7 @@ class Document:
         return self.text if IMAGE_TOKEN in self.text else IMAGE_TOKEN * len(self.images) + self.text
 
 
-def chat_messages(documents: Sequence[Document]) -> list[dict[str, Any]]:
+def chat_messages(documents: Sequence[PromptTurn]) -> list[dict[str, Any]]:
     """Chat messages of the shots (user + assistant turns) followed by the query's user turn; rendered with
     ``add_generation_prompt`` the model answers after ``Assistant:`` as in training."""
     *shots, query = documents
@@ -71,7 +71,7 @@ def chat_messages(documents: Sequence[Document]) -> list[dict[str, Any]]:
     return turns_to_messages(turns)[:-1]  # drop the query's empty assistant turn
 
 
-def plain_text(documents: Sequence[Document]) -> str:
+def plain_text(documents: Sequence[PromptTurn]) -> str:
     """Base-model prompt: the documents one after another, each ``{images}{prompt}\\nAnswer: {answer}``,
     the query ending at ``Answer:``."""
     *shots, query = documents
@@ -79,7 +79,7 @@ def plain_text(documents: Sequence[Document]) -> str:
     return "".join(parts) + query.user_text + PLAIN_ANSWER_PREFIX
 
 
-def render_chat_text(documents: Sequence[Document]) -> str:
+def render_chat_text(documents: Sequence[PromptTurn]) -> str:
     """The chat prompt as text with unexpanded ``<image>`` placeholders (what the processor expands)."""
     return apply_chat_template(chat_messages(documents), add_generation_prompt=True)
 

@@ -5,7 +5,7 @@
 budget, no upscaling of small images, split fraction, random up-scaling) and SFT labels.
 """
 
-from vlm.processing.contract import ProcessorSettings, Recipe
+from vlm.processing.contract import ProcessorSettings
 from vlm.processing.image import ImageLayout, ImageProcessor, ProcessedImages, load_image, to_rgb
 from vlm.processing.processor import VLMProcessor, build_processor
 from vlm.processing.text import apply_chat_template, build_labels, expand_image_tokens
@@ -16,7 +16,6 @@ __all__ = [
     "ImageProcessor",
     "ProcessedImages",
     "ProcessorSettings",
-    "Recipe",
     "VLMProcessor",
     "apply_chat_template",
     "build_labels",

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from vlm.config import VLMConfig, get_preset
+from vlm.config import Fusion, Recipe, VLMConfig, get_preset
 from vlm.connectors import visual_tokens_per_tile
 from vlm.language_model import TINY_TOKENIZER
 from vlm.processing.image import ImageProcessor
 from vlm.processing.processor import VLMProcessor, build_processor
-from vlm.processing.text import Fusion
-
-Recipe = Literal["idefics2", "idefics3"]
 
 
 def preset_recipe(preset: str) -> Recipe:

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from vlm.config import Recipe
 from vlm.processing.resize import (
     fit_in_tile,
     idefics2_crop_boxes,
@@ -173,7 +174,7 @@ class ImageProcessor:
       for inference or a main-process loader. Keep 1 in DataLoader workers.
     """
 
-    recipe: Literal["idefics2", "idefics3"] = "idefics3"
+    recipe: Recipe = "idefics3"
     longest_edge: int | None = None
     shortest_edge: int = 378
     tile_size: int = 364

@@ -25,11 +25,10 @@ from PIL import Image, ImageOps
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, Idefics2Processor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from vlm.config import IMAGE_TOKEN, RECIPE_SPECIAL_TOKENS
+from vlm.config import IMAGE_TOKEN, RECIPE_SPECIAL_TOKENS, Fusion, Recipe
 from vlm.language_model import add_special_tokens, load_tokenizer
 from vlm.processing.image import ImageProcessor, ProcessedImages, load_image
 from vlm.processing.text import (
-    Fusion,
     Message,
     apply_chat_template,
     build_labels,
@@ -178,7 +177,7 @@ class VLMProcessor:
         (Path(path) / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     @property
-    def recipe(self) -> Literal["idefics2", "idefics3"]:
+    def recipe(self) -> Recipe:
         """``"idefics2"`` or ``"idefics3"``: how images are split and written in the text."""
         return self.image_processor.recipe
 

@@ -20,10 +20,8 @@ from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from vlm.config import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from vlm.config import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, Fusion, Recipe
 
-Recipe = Literal["idefics2", "idefics3"]
-Fusion = Literal["autoregressive", "cross_attention"]
 Message = Mapping[str, Any]
 
 MAX_TILE_GRID = 6  # Idefics3 splits an image into at most 6 x 6 tiles, each tagged <row_r_col_c>
@@ -217,11 +215,15 @@ def image_placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]
     return [vocab[token] for token in IMAGE_PLACEHOLDER_TOKENS if token in vocab]
 
 
+#: Which tokens take loss: ``pretraining`` every text token, ``sft`` only the answers.
+LabelMode = Literal["pretraining", "sft"]
+
+
 def build_labels(
     input_ids: Tensor,
     attention_mask: Tensor,
     ignored_token_ids: Collection[int],
-    mode: Literal["sft", "pretraining"] = "pretraining",
+    mode: LabelMode = "pretraining",
     offset_mapping: Tensor | None = None,
     answer_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Tensor:
