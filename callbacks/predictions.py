@@ -1,15 +1,20 @@
 """``PredictionWriter``: the answers of ``python -m lightning predict`` as ``predictions.jsonl``.
 
 Each rank appends its batches' records (``VLMModule.predict_step``: ``id``, ``shard``, ``prompt``, ``answer``,
-``reference`` when known) to its own part file as they come, so nothing waits for the end of the run
-in memory; after the last batch rank 0 concatenates the parts into ``output`` (rank by rank) and
-removes them.
+``reference`` when known), each with its question's position in the dataset, to its own part file as
+they come, so nothing waits for the end of the run in memory. After the last batch rank 0 merges the
+parts into ``output`` in dataset order, streaming (each rank's positions increase: Lightning's
+distributed sampler deals them out in order), and drops the repeats that sampler pads the last
+batches with (``merge_parts``), then removes the parts. So every question has exactly one line,
+whatever the world size.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +57,41 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         with self._part(trainer, trainer.global_rank).open("a", encoding="utf-8") as file:
-            for record in prediction:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for index, record in zip(batch["indices"], prediction, strict=True):
+                file.write(json.dumps([index, record], ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.barrier("predictions_written")
         if trainer.is_global_zero:
             path = self.path(trainer)
             parts = [self._part(trainer, rank) for rank in range(trainer.world_size)]
-            with path.open("w", encoding="utf-8") as out:
-                for part in parts:
-                    out.write(part.read_text(encoding="utf-8"))
+            written = merge_parts(parts, path)
             for part in parts:
                 part.unlink()
-            rank_zero_info(f"Wrote {sum(1 for _ in path.open(encoding='utf-8'))} predictions to {path}")
+            rank_zero_info(f"Wrote {written} predictions to {path}")
         trainer.strategy.barrier("predictions_merged")
+
+
+def _indexed_records(part: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A part's ``(index, record)`` pairs; an index not above its predecessor is the distributed
+    sampler's padding (it wraps around to the first positions, dealt to some rank already): skipped."""
+    last = -1
+    with part.open(encoding="utf-8") as lines:
+        for line in lines:
+            index, record = json.loads(line)
+            if index > last:
+                yield index, record
+                last = index
+
+
+def merge_parts(parts: list[Path], path: Path) -> int:
+    """Merge the ranks' part files (``[index, record]`` lines, increasing ``index`` within each but for
+    the sampler's padding) into ``path``, one JSON record per line in index order, each index once;
+    returns the number written."""
+    written, last = 0, None
+    with path.open("w", encoding="utf-8") as out:
+        for index, record in heapq.merge(*map(_indexed_records, parts), key=lambda pair: pair[0]):
+            if index != last:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written, last = written + 1, index
+    return written

@@ -71,15 +71,18 @@ def consumer_slot() -> tuple[int, int]:
 
 class SequentialStream(IterableDataset):
     """Every sample of the given sources once, source after source, in shard order (validation), with
-    their ``max_seq_len`` / ``max_image_resolution`` in ``meta``. Ranks and workers read disjoint
-    shards (disjoint samples when there are fewer shards than readers)."""
+    their ``max_seq_len`` / ``max_image_resolution`` in ``meta``. With ``split`` (validation loss),
+    ranks and workers read disjoint shards (disjoint samples when there are fewer shards than readers);
+    without, every reader gets every sample (the held-out questions: a map-style dataset that Lightning's
+    distributed sampler splits, so splitting here too would leave each rank 1/world^2 of them).
+    """
 
-    def __init__(self, sources: Sequence[SourceConfig]) -> None:
-        self.sources = list(sources)
+    def __init__(self, sources: Sequence[SourceConfig], split: bool = True) -> None:
+        self.sources, self.split = list(sources), split
         self.stats = {s.source: RecordStats() for s in self.sources}
 
     def __iter__(self) -> Iterator[Sample]:
-        consumer, consumers = consumer_slot()
+        consumer, consumers = consumer_slot() if self.split else (0, 1)
         for config in self.sources:
             reader, shards = get_reader(config.source), expand_urls(config.urls)
             named = list(zip(shards, shard_names(shards)))
@@ -293,11 +296,12 @@ class VLMDataModule(ModelProcessing, LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        samples = SequentialStream(self.val_sources)
         if self.val_generate:
-            return self._questions_loader(samples)
+            return self._questions_loader(self.val_sources)
         return DataLoader(
-            PackedSequence(samples, self._packer(training=False), self.pack_window),
+            PackedSequence(
+                SequentialStream(self.val_sources), self._packer(training=False), self.pack_window
+            ),
             batch_size=self.val_batch_size,
             collate_fn=partial(collate_rows, pad_token_id=self.processor.tokenizer.pad_token_id),
             num_workers=self.num_workers,
@@ -311,11 +315,14 @@ class VLMDataModule(ModelProcessing, LightningDataModule):
                 "Nothing to predict: set data.predict_sources (e.g. [{source: questions, urls: "
                 "questions.jsonl}]) or data.val_sources."
             )
-        return self._questions_loader(SequentialStream(sources))
+        return self._questions_loader(sources)
 
-    def _questions_loader(self, samples: SequentialStream) -> DataLoader:
+    def _questions_loader(self, sources: Sequence[SourceConfig]) -> DataLoader:
+        """Every question of ``sources`` on every rank; under DDP/FSDP Lightning's distributed sampler
+        gives each rank its share (padded with a few repeats to equal lengths, which the
+        ``PredictionWriter`` drops)."""
         return DataLoader(
-            QuestionDataset(samples, self.val_max_questions_per_sample),
+            QuestionDataset(SequentialStream(sources, split=False), self.val_max_questions_per_sample),
             batch_size=self.val_batch_size,
             collate_fn=partial(collate_prompts, processor=self.processor),
             num_workers=0,  # the questions are read once, in the main process

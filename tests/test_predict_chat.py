@@ -11,10 +11,13 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_demo import DEMO, demo_args
+from torch.utils.data import DistributedSampler
 
+from callbacks import PredictionWriter
 from datamodules import VLMDataModule
 from datamodules.sources import iter_samples
 from datamodules.synthetic_content import draw_scene, random_scene
@@ -96,6 +99,39 @@ def test_predict_writes_one_answer_per_validation_question(demo_run, monkeypatch
         set(r) == {"id", "shard", "prompt", "answer", "reference"} and isinstance(r["answer"], str)
         for r in records
     )
+
+
+def test_every_rank_reads_every_question_for_the_distributed_sampler(demo_run, monkeypatch):
+    """Lightning's distributed sampler splits the (map-style) question dataset across ranks; the stream
+    under it must not split too (rank 1 of 2 would keep a quarter of the questions)."""
+    tmp_path, _ = demo_run
+    shards = str(tmp_path / "data" / "val" / "cauldron" / "clevr" / "*.parquet")
+    val_sources = [{"source": "cauldron", "urls": shards, "weight": 1.0, "max_seq_len": 80}]
+    data = VLMDataModule(sources=val_sources, val_sources=val_sources, val_generate=True)
+    monkeypatch.setattr("datamodules.datamodule.consumer_slot", lambda: (1, 2))  # rank 1 of 2
+    assert len(data.predict_dataloader().dataset) == len(data.val_dataloader().dataset) == 12
+
+
+def test_prediction_parts_merge_into_one_line_per_question_in_order(tmp_path):
+    """Three ranks, seven questions: each rank's part holds what ``DistributedSampler`` deals it, the
+    padding repeats included; the merged file has every question once, in dataset order."""
+    records = [{"id": f"q{i}", "answer": str(i)} for i in range(7)]
+    writer = PredictionWriter(str(tmp_path / "predictions.jsonl"))
+    ranks = []
+    for rank in range(3):
+        indices = list(DistributedSampler(range(7), num_replicas=3, rank=rank, shuffle=False))
+        trainer = SimpleNamespace(global_rank=rank, world_size=3, is_global_zero=rank == 0)
+        writer.on_predict_start(trainer, None)
+        for batch in (indices[:2], indices[2:]):  # batches of 2, then the rest
+            prediction = [records[i] for i in batch]
+            writer.write_on_batch_end(trainer, None, prediction, None, {"indices": batch}, 0, 0)
+        ranks.append(indices)
+    assert ranks[1] == [1, 4, 0] and ranks[2] == [2, 5, 1]  # padded with the first positions
+    barrier = SimpleNamespace(barrier=lambda name: None)
+    writer.on_predict_end(SimpleNamespace(world_size=3, is_global_zero=True, strategy=barrier), None)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # parts removed
 
 
 def test_question_file_prediction_and_chat_give_the_same_answer(demo_run, tmp_path, monkeypatch):
