@@ -9,7 +9,11 @@ from typing import Any
 
 import yaml
 
+from callbacks.stages import Stage
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The full recipes (each has a CPU twin overlay in configs/tiny/).
+FULL = ("idefics2", "idefics2_sft", "idefics2_chatty", "idefics3", "idefics3_sft")
 
 
 def merged(base: Any, overlay: Any) -> Any:
@@ -36,3 +40,29 @@ def load(name: str, tiny: bool = False) -> dict[str, Any]:
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     config["data"] = yaml.safe_load((CONFIGS / config["data"]).read_text())
     return merged(config, yaml.safe_load(twin(name).read_text())) if tiny else config
+
+
+def callback_args(config: dict, class_path: str) -> dict | None:
+    """``init_args`` of the trainer callback ``class_path`` in a (raw or printed) config, or None."""
+    found = [
+        c.get("init_args", {})
+        for c in config["trainer"].get("callbacks", [])
+        if c["class_path"] == class_path
+    ]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def stage_table(config: dict) -> list[dict]:
+    """The stages of a config (one stage from step 0 for a config without StageTransition), each with the
+    settings in effect in it: StageTransition's ``settings_at`` rules (unset fields carry over), the
+    model's policy when no stage sets one."""
+    model = config["model"]["init_args"]
+    args = callback_args(config, "callbacks.StageTransition")
+    stages = [Stage(**{**s, "policy": None}) for s in args["stages"]] if args else [Stage(start_step=0)]
+    raw = args["stages"] if args else [{}]
+    table, settings = [], {"policy": model.get("policy")}
+    for stage, entry in zip(stages, raw):
+        settings = {**settings, **{k: v for k, v in entry.items() if v is not None and k != "name"}}
+        table.append({**settings, "name": stage.name, "start_step": stage.start_step})
+    return table
